@@ -10,7 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from temporalio.common import SearchAttributeKey
+
 TASK_QUEUE = "paysaga"
+CHECKOUT_WORKFLOW = "CheckoutWorkflow"
+
+# Search attributes operators filter on in the Temporal UI. Never personal or card data here.
+SA_PAYMENT_STATUS = SearchAttributeKey.for_keyword("PaymentStatus")
+SA_MERCHANT_ID = SearchAttributeKey.for_keyword("MerchantId")
+SA_AMOUNT_MINOR = SearchAttributeKey.for_int("AmountMinor")
+SA_CURRENCY = SearchAttributeKey.for_keyword("Currency")
+SEARCH_ATTRIBUTES = (SA_PAYMENT_STATUS, SA_MERCHANT_ID, SA_AMOUNT_MINOR, SA_CURRENCY)
 
 CaptureMethod = Literal["automatic", "manual"]
 FraudDecision = Literal["approve", "review", "decline"]
@@ -39,6 +49,17 @@ class Act:
     LOOKUP_PSP_PAYMENT = "lookup_psp_payment"
     POST_CAPTURE = "post_capture"
     SEND_RECEIPT = "send_receipt"
+
+
+class Upd:
+    """CheckoutWorkflow update and query names (the API calls them by name)."""
+
+    WAIT_FOR_STABLE = "wait_for_stable"  # Update-with-Start: answers at the first stable status
+    AUTHENTICATE = "authenticate"
+    CAPTURE = "capture"
+    CANCEL = "cancel"
+    REVIEW = "review"
+    QUERY_STATE = "state"
 
 
 # ---- CheckoutWorkflow ----
