@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_UP, Decimal, Inexact, InvalidOperation, localcontext
 
 # ISO 4217 minor-unit exponents for the currencies we accept. A currency not listed here is
 # rejected at the edge rather than guessed (guessing an exponent mis-prices by 10^n).
@@ -57,8 +57,25 @@ class Money:
     def parse(cls, major: str, currency: str) -> Money:
         """'12.34' USD -> 1234. Rejects more decimals than the currency has."""
         exp = exponent(currency)
-        value = Decimal(major)
-        scaled = value.scaleb(exp)
+        # A bad string must be a MoneyError (a 400 at the edge), not InvalidOperation/OverflowError.
+        if not isinstance(major, str):
+            raise MoneyError("amount must be given as a decimal string")
+        try:
+            value = Decimal(major)
+        except InvalidOperation:
+            raise MoneyError(f"not a decimal amount: {major!r}") from None
+        if not value.is_finite():
+            raise MoneyError(f"not a finite amount: {major!r}")
+        # Checked before scaling: '1e999999999' would overflow the context or build a huge int.
+        if value.copy_abs() > Decimal(MAX_AMOUNT_MINOR).scaleb(-exp):
+            raise MoneyError("amount is too large")
+        # Scaling must be exact: no rounding away a digit ('0.0100...01' USD is not 1 cent) and no
+        # underflow to zero ('1e-999999999' is not 0).
+        with localcontext() as ctx:
+            ctx.prec = max(ctx.prec, len(value.as_tuple().digits))
+            ctx.Emin, ctx.Emax = MIN_EMIN, MAX_EMAX
+            ctx.traps[Inexact] = True
+            scaled = value.scaleb(exp)
         if scaled != scaled.to_integral_value():
             raise MoneyError(f"{major} has more than {exp} decimals for {currency}")
         return cls(int(scaled), currency)
@@ -115,6 +132,13 @@ class FeeSchedule:
 
     bps: int = 290
     fixed_minor: int = 30
+
+    def __post_init__(self) -> None:
+        # A negative fee would pay the merchant more than the customer paid.
+        for name in ("bps", "fixed_minor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise MoneyError(f"fee schedule {name} must be a non-negative integer")
 
 
 @dataclass(frozen=True, slots=True)
