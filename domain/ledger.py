@@ -219,9 +219,8 @@ def _capture_postings(payment_id: str, merchant_id: str, psp: str, split: FeeSpl
 
 def capture_txn(payment_id: str, merchant_id: str, psp: str, split: FeeSplit) -> LedgerTxn:
     """Captured funds: the PSP owes us gross; we owe the merchant net and keep the fee."""
-    return build_txn(
-        f"payment:{payment_id}:capture", "capture", payment_id, _capture_postings(payment_id, merchant_id, psp, split)
-    )
+    lines = _capture_postings(payment_id, merchant_id, psp, split)
+    return build_txn(f"payment:{payment_id}:capture", "capture", payment_id, lines)
 
 
 def capture_reversal_txn(
@@ -230,9 +229,8 @@ def capture_reversal_txn(
     """The exact mirror of capture_txn (a refund of the whole capture, fee included)."""
     if not key_suffix:
         raise LedgerError("key_suffix must be non-empty")
-    mirrored = [
-        Posting(p.account, -p.amount, p.currency) for p in _capture_postings(payment_id, merchant_id, psp, split)
-    ]
+    lines = _capture_postings(payment_id, merchant_id, psp, split)
+    mirrored = [Posting(p.account, -p.amount, p.currency) for p in lines]
     return build_txn(f"payment:{payment_id}:{key_suffix}", "capture_reversal", payment_id, mirrored)
 
 
