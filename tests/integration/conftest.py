@@ -8,6 +8,7 @@ than one authorization at the sandbox.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -140,6 +141,16 @@ def start_stack(tmp: Path, database_url: str) -> Stack:
     return stack
 
 
+async def _record_histories(stack: Stack) -> None:
+    from core.config import Settings
+    from core.temporal import connect
+    from tests.replay.record import record
+
+    client = await connect(Settings(temporal_address=stack.env["TEMPORAL_ADDRESS"]))
+    for path in await record(client):
+        print(f"recorded {path.name}")  # noqa: T201
+
+
 def stop_stack(stack: Stack) -> None:
     if stack.proc and stack.proc.poll() is None:
         stack.proc.send_signal(signal.SIGINT)
@@ -161,6 +172,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     s = start_stack(tmp, url)
     try:
         yield s
+        if os.environ.get("PAYSAGA_RECORD_HISTORIES") and request.param == "sqlite":
+            asyncio.run(_record_histories(s))
     finally:
         stop_stack(s)
         if pg_name:
