@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     api_port: int = 8000
     # keyed HMAC for card fingerprints: same card -> same fingerprint, not reversible
     fingerprint_key: str = DEV_SECRET
-    update_wait_seconds: float = Field(20.0, description="how long POST waits for a stable status")
+    update_wait_seconds: float = Field(default=20.0, description="how long POST waits for a stable status")
 
     # PSP
     psp_default: Literal["sandbox"] = "sandbox"

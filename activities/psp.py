@@ -1,0 +1,164 @@
+"""PSP activities: authorize, authenticate, capture, void, refund and look up, through psp.base.PSP.
+
+Every call carries an idempotency key derived from our payment id and the step, never a random
+one: Temporal retries an activity whose answer was lost, and the PSP must see the retry as the
+same request. A decline is a result (PSPResult status "failed"); transport trouble is a retryable
+ApplicationError; a request the PSP refuses is a non-retryable one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from psp.base import PSP, AuthorizeRequest, PSPAmbiguous, PSPError, PSPPayment, PSPRejected, PSPUnavailable
+from workflows.contracts import (
+    Act,
+    AuthenticateInput,
+    AuthorizeInput,
+    CaptureInput,
+    LookupInput,
+    NextAction,
+    PSPResult,
+    RefundInput,
+    VoidInput,
+)
+
+# Statuses that mean the PSP holds or moved money for the reference; preferred by lookups.
+_LIVE = ("requires_action", "authorized", "captured", "refunded")
+
+
+def to_result(payment: PSPPayment) -> PSPResult:
+    action = payment.next_action
+    return PSPResult(
+        psp_payment_id=payment.id,
+        status=payment.status,
+        amount=payment.amount,
+        amount_captured=payment.amount_captured,
+        amount_refunded=payment.amount_refunded,
+        decline_code=payment.decline_code,
+        message=payment.message,
+        next_action=NextAction(type=action.type, url=action.url) if action else None,
+    )
+
+
+def to_application_error(err: PSPError) -> ApplicationError:
+    if isinstance(err, PSPRejected):
+        return ApplicationError(str(err), {"code": err.code}, type="PSPRejected", non_retryable=True)
+    if isinstance(err, PSPUnavailable):
+        delay = timedelta(seconds=err.retry_after) if err.retry_after else None
+        return ApplicationError(str(err), type="PSPUnavailable", next_retry_delay=delay)
+    if isinstance(err, PSPAmbiguous):
+        return ApplicationError(str(err), type="PSPAmbiguous")
+    return ApplicationError(str(err), type=type(err).__name__)
+
+
+class PspActivities:
+    def __init__(self, psps: Mapping[str, PSP]) -> None:
+        self._psps = psps
+
+    def _psp(self, name: str) -> PSP:
+        try:
+            return self._psps[name]
+        except KeyError:
+            raise ApplicationError(f"unknown PSP {name!r}", type="UnknownPSP", non_retryable=True) from None
+
+    async def _lookup(self, psp: PSP, payment_id: str) -> PSPResult | None:
+        found = await psp.find_payments(payment_id)
+        if not found:
+            return None
+        # One reference normally has one PSP payment (stable keys); if not, the live one wins so a
+        # charge is never mistaken for a failure.
+        live = [p for p in found if p.status in _LIVE]
+        return to_result((live or found)[-1])
+
+    @activity.defn(name=Act.AUTHORIZE_PAYMENT)
+    async def authorize_payment(self, inp: AuthorizeInput) -> PSPResult:
+        psp = self._psp(inp.psp)
+        try:
+            if activity.info().attempt > 1:
+                # An earlier attempt may have charged and lost the answer: ask before asking again.
+                existing = await self._lookup(psp, inp.payment_id)
+                if existing is not None:
+                    activity.logger.info("authorize %s: found at the PSP on retry", inp.payment_id)
+                    return existing
+            payment = await psp.authorize(
+                AuthorizeRequest(
+                    reference=inp.payment_id,
+                    token=inp.psp_token,
+                    amount=inp.amount,
+                    currency=inp.currency,
+                    idempotency_key=f"{inp.payment_id}:authorize",
+                    description=inp.description,
+                )
+            )
+        except PSPError as e:
+            raise to_application_error(e) from e
+        return to_result(payment)
+
+    @activity.defn(name=Act.AUTHENTICATE_PAYMENT)
+    async def authenticate_payment(self, inp: AuthenticateInput) -> PSPResult:
+        psp = self._psp(inp.psp)
+        try:
+            payment = await psp.authenticate(
+                inp.psp_payment_id, inp.otp, idempotency_key=f"{inp.payment_id}:authenticate"
+            )
+        except PSPError as e:
+            raise to_application_error(e) from e
+        return to_result(payment)
+
+    @activity.defn(name=Act.CAPTURE_PAYMENT)
+    async def capture_payment(self, inp: CaptureInput) -> PSPResult:
+        psp = self._psp(inp.psp)
+        try:
+            payment = await psp.capture(
+                inp.psp_payment_id, inp.amount, idempotency_key=f"{inp.payment_id}:capture"
+            )
+        except PSPError as e:
+            raise to_application_error(e) from e
+        return to_result(payment)
+
+    @activity.defn(name=Act.VOID_PAYMENT)
+    async def void_payment(self, inp: VoidInput) -> PSPResult:
+        psp = self._psp(inp.psp)
+        try:
+            payment = await psp.void(inp.psp_payment_id, idempotency_key=f"{inp.payment_id}:void")
+        except PSPError as e:
+            raise to_application_error(e) from e
+        return to_result(payment)
+
+    @activity.defn(name=Act.REFUND_PAYMENT)
+    async def refund_payment(self, inp: RefundInput) -> PSPResult:
+        psp = self._psp(inp.psp)
+        try:
+            refund = await psp.refund(inp.psp_payment_id, inp.amount, idempotency_key=inp.idempotency_key)
+            if refund.status == "failed":
+                raise ApplicationError(
+                    f"refund {refund.id} failed at the PSP", type="PSPRefundFailed", non_retryable=True
+                )
+            payment = await psp.get_payment(inp.psp_payment_id)
+        except PSPError as e:
+            raise to_application_error(e) from e
+        return to_result(payment)
+
+    @activity.defn(name=Act.LOOKUP_PSP_PAYMENT)
+    async def lookup_psp_payment(self, inp: LookupInput) -> PSPResult | None:
+        psp = self._psp(inp.psp)
+        try:
+            return await self._lookup(psp, inp.payment_id)
+        except PSPError as e:
+            raise to_application_error(e) from e
+
+    def activities(self) -> list[Any]:
+        return [
+            self.authorize_payment,
+            self.authenticate_payment,
+            self.capture_payment,
+            self.void_payment,
+            self.refund_payment,
+            self.lookup_psp_payment,
+        ]
