@@ -47,6 +47,10 @@ def _json(default: Any) -> Any:
     return Field(default_factory=default, sa_column=Column(JSON, nullable=False))
 
 
+def _metadata() -> Any:
+    return Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+
+
 class Merchant(SQLModel, table=True):
     __tablename__ = "merchants"
     id: str = Field(primary_key=True, max_length=40)
@@ -57,6 +61,10 @@ class Merchant(SQLModel, table=True):
     review_amount_limit: int = Field(default=100_000, sa_column=Column(BigInteger, nullable=False))
     max_payments_per_hour: int = 20
     country_mismatch_threshold: int = Field(default=50_000, sa_column=Column(BigInteger, nullable=False))
+    # refunds: "keep" (the platform keeps its processing fee, the merchant refunds the gross) or
+    # "return" (the fee share of the refunded amount goes back to the merchant)
+    refund_fee_policy: str = Field(default="keep", max_length=10)
+    chargeback_fee: int = Field(default=1500, sa_column=Column(BigInteger, nullable=False))
     created: datetime = _ts()
 
 
@@ -86,7 +94,7 @@ class Customer(SQLModel, table=True):
     email: str = Field(max_length=320)
     name: str | None = Field(default=None, max_length=200)
     country: str | None = Field(default=None, max_length=2)
-    metadata_: dict[str, str] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    metadata_: dict[str, str] = _metadata()
     created: datetime = _ts()
 
 
@@ -190,7 +198,7 @@ class Payment(SQLModel, table=True):
     failure_message: str | None = None
     next_action: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     description: str | None = Field(default=None, max_length=1000)
-    metadata_: dict[str, str] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    metadata_: dict[str, str] = _metadata()
     workflow_id: str = Field(max_length=100)
     idempotency_key: str | None = Field(default=None, max_length=255)
     created: datetime = _ts()
@@ -223,7 +231,8 @@ class Notification(SQLModel, table=True):
 
 class LedgerTransaction(SQLModel, table=True):
     __tablename__ = "ledger_transactions"
-    key: str = Field(primary_key=True, max_length=200)  # e.g. payment:{id}:capture; posting is idempotent by it
+    # e.g. payment:{id}:capture; posting is idempotent by it
+    key: str = Field(primary_key=True, max_length=200)
     kind: str = Field(max_length=30)
     ref: str = Field(max_length=100, index=True)
     created_at: datetime = _ts()
@@ -262,3 +271,70 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created: datetime = _ts()
     locked_until: datetime = _ts()
+
+
+class Refund(SQLModel, table=True):
+    """A refund of (part of) a captured payment. Created pending inside the transaction that
+    checks refundable = captured - refunded - pending under the payment's row lock, so concurrent
+    refunds can never exceed the captured amount."""
+
+    __tablename__ = "refunds"
+    id: str = Field(primary_key=True, max_length=40)
+    merchant_id: str = Field(foreign_key="merchants.id", index=True)
+    payment_id: str = Field(foreign_key="payments.id", index=True, max_length=40)
+    amount: int = _money()
+    currency: str = Field(max_length=3)
+    reason: str | None = Field(default=None, max_length=40)
+    status: str = Field(default="pending", max_length=10)  # pending | succeeded | failed
+    psp_refund_id: str | None = Field(default=None, max_length=100)
+    failure_reason: str | None = None
+    return_id: str | None = Field(default=None, max_length=40)
+    workflow_id: str = Field(max_length=100)
+    metadata_: dict[str, str] = _metadata()
+    created: datetime = _ts()
+    updated: datetime = _ts()
+
+
+class Return(SQLModel, table=True):
+    __tablename__ = "returns"
+    id: str = Field(primary_key=True, max_length=40)
+    merchant_id: str = Field(foreign_key="merchants.id", index=True)
+    order_id: str = Field(foreign_key="orders.id", index=True, max_length=40)
+    status: str = Field(default="authorized", max_length=12)  # authorized | received | refunded | expired
+    items: list[dict[str, Any]] = _json(list)  # [{product, quantity, unit_price}]
+    amount: int = _money()
+    currency: str = Field(max_length=3)
+    refund_id: str | None = Field(default=None, max_length=40)
+    workflow_id: str = Field(max_length=100)
+    expires_at: datetime = _ts()
+    created: datetime = _ts()
+    updated: datetime = _ts()
+
+
+class Dispute(SQLModel, table=True):
+    __tablename__ = "disputes"
+    id: str = Field(primary_key=True, max_length=40)
+    merchant_id: str = Field(foreign_key="merchants.id", index=True)
+    payment_id: str = Field(foreign_key="payments.id", index=True, max_length=40)
+    psp: str = Field(max_length=20)
+    psp_dispute_id: str = Field(max_length=100, unique=True)
+    amount: int = _money()
+    currency: str = Field(max_length=3)
+    reason: str | None = Field(default=None, max_length=40)
+    # needs_response | under_review | won | lost
+    status: str = Field(default="needs_response", max_length=16)
+    evidence: dict[str, Any] = _json(dict)
+    evidence_due_by: datetime = _ts()
+    workflow_id: str = Field(max_length=100)
+    created: datetime = _ts()
+    updated: datetime = _ts()
+
+
+class PspEvent(SQLModel, table=True):
+    """PSP webhook events already applied: deduplicates redelivered events by their id."""
+
+    __tablename__ = "psp_events"
+    id: str = Field(primary_key=True, max_length=100)
+    psp: str = Field(max_length=20)
+    type: str = Field(max_length=60)
+    received: datetime = _ts()
