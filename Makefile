@@ -1,0 +1,38 @@
+# `make run` starts the whole stack, `make test` runs every test tier. The first use of any target
+# creates .venv and installs the project; editing pyproject.toml reinstalls.
+
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint fmt demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/paysaga up
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# needs `make run` in another terminal
+demo: $(STAMP)
+	$(BIN)/paysaga demo
+
+# state of the local stack (Temporal history, app and sandbox databases) and tool caches;
+# the virtualenv stays (rm -rf .venv to rebuild it)
+clean:
+	rm -rf .data .pytest_cache .mypy_cache .ruff_cache .hypothesis build
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
