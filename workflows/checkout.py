@@ -415,8 +415,6 @@ class CheckoutWorkflow:
 
         # Captured and posted: nothing is undone from here on (refunds are the RefundWorkflow's).
         self._saga.clear()
-        # post_capture wrote "succeeded" with the ledger transaction; only our view changes here.
-        await self._set_status(S.SUCCEEDED, write=False, amount_capturable=0, amount_received=self._captured)
         if inp.items:
             assert inp.order_id is not None
             try:
@@ -428,6 +426,9 @@ class CheckoutWorkflow:
             except ActivityError as err:
                 # The payment stands; an order that cannot be confirmed is for an operator, not a refund.
                 workflow.logger.error("confirm_order failed for a succeeded payment: %s", _cause(err)[1])
+        # post_capture wrote "succeeded" with the ledger transaction; only our view changes here. Set
+        # after the order is confirmed, so whoever waits on an update sees a confirmed order.
+        await self._set_status(S.SUCCEEDED, write=False, amount_capturable=0, amount_received=self._captured)
         try:
             await self._act(Act.SEND_RECEIPT, ReceiptInput(payment_id=inp.payment_id), options.NOTIFY)
         except ActivityError as err:
@@ -439,14 +440,6 @@ class CheckoutWorkflow:
         if failed_undos:
             workflow.logger.error("undo steps failed: %s", failed_undos)
         canceled = stop.status == S.CANCELED
-        await self._set_status(
-            stop.status,
-            reason=stop.reason,
-            failure_code=stop.failure_code,
-            decline_code=stop.decline_code,
-            message=stop.message or (stop.reason if canceled else None),
-            amount_capturable=0,
-        )
         if self._inp.items:
             assert self._inp.order_id is not None
             await self._act(
@@ -456,6 +449,14 @@ class CheckoutWorkflow:
                 ),
                 options.DB,
             )
+        await self._set_status(
+            stop.status,
+            reason=stop.reason,
+            failure_code=stop.failure_code,
+            decline_code=stop.decline_code,
+            message=stop.message or (stop.reason if canceled else None),
+            amount_capturable=0,
+        )
 
     # ---------------------------------------------------------------- undo steps
 
