@@ -154,6 +154,7 @@ class Supervisor:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     children: list[Child] = field(default_factory=list)
     color: bool = False
+    restart: bool = False  # restart a child that died, instead of shutting everything down
 
     def __post_init__(self) -> None:
         self.color = self.out.isatty() and "NO_COLOR" not in os.environ
@@ -296,10 +297,28 @@ class Supervisor:
         return code
 
     async def _watch(self, stop: asyncio.Event) -> None:
-        """Until a signal or the first unexpected child exit."""
-        while not stop.is_set() and self.exited() is None:
+        """Until a signal or the first unexpected child exit (restarted instead with --restart)."""
+        while not stop.is_set():
+            crashed = self.exited()
+            if crashed is not None:
+                if not self.restart:
+                    return
+                await self._restart(crashed)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.3)
+
+    async def _restart(self, child: Child) -> None:
+        assert child.proc is not None
+        self.say("up", f"{child.name} exited unexpectedly (exit {child.proc.returncode}): restarting it")
+        if child.pump is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(child.pump, timeout=2)
+        index = self.children.index(child)
+        self.children.remove(child)
+        fresh = await self.start(child.name, child.argv)
+        # keep the start order, so stop_all still stops the API before the worker before Temporal
+        self.children.remove(fresh)
+        self.children.insert(index, fresh)
 
 
 async def temporal_ready(settings: Settings) -> bool:
@@ -350,7 +369,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     migrate(settings)
-    return asyncio.run(Supervisor(settings).run())
+    return asyncio.run(Supervisor(settings, restart=args.restart).run())
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -632,9 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paysaga", description="Payments on durable Temporal workflows.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("up", help="run Temporal dev server, sandbox PSP, worker and API").set_defaults(
-        func=cmd_up
+    up = sub.add_parser("up", help="run Temporal dev server, sandbox PSP, worker and API")
+    up.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart a service that dies instead of stopping everything (as an orchestrator would)",
     )
+    up.set_defaults(func=cmd_up)
     sub.add_parser("migrate", help="bring the database schema to the newest revision").set_defaults(
         func=cmd_migrate
     )
