@@ -57,6 +57,7 @@ from workflows.contracts import (
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
+CALL_TIMEOUT_S = 60.0  # one call slower than this counts as an error: the bench never hangs
 
 
 def _card(behaviour: str) -> str:
@@ -90,7 +91,7 @@ async def run_load(
                 return
             t0 = time.perf_counter()
             try:
-                await one(i)
+                await asyncio.wait_for(one(i), timeout=CALL_TIMEOUT_S)
             except Exception as exc:  # counted and reported, the run goes on
                 errors += 1
                 if errors <= 3:
@@ -355,9 +356,13 @@ def store_payments(database_url: str, merchant_id: str, count: int) -> float:
 
 def start_ceiling_worker(stack: Any) -> subprocess.Popen[bytes]:
     log = (stack.data_dir / "ceiling-worker.log").open("wb")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.ceiling"], env=stack.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
     )
+    time.sleep(3)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the ceiling worker exited: see {stack.data_dir / 'ceiling-worker.log'}")
+    return proc
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -104,7 +104,10 @@ def drop_pg_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def start_stack(tmp: Path, database_url: str) -> Stack:
+def start_stack(tmp: Path, database_url: str = "", *, restart: bool = False) -> Stack:
+    """Start `paysaga up` (with --restart: crashed services come back) on SQLite unless a URL is given."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    database_url = database_url or f"sqlite:///{tmp / 'paysaga.db'}"
     env = _stack_env(tmp, database_url)
     log_path = tmp / "stack.log"
     stack = Stack(
@@ -117,7 +120,7 @@ def start_stack(tmp: Path, database_url: str) -> Stack:
     )
     with log_path.open("wb") as log:
         stack.proc = subprocess.Popen(
-            [str(VENV_BIN / "paysaga"), "up"],
+            [str(VENV_BIN / "paysaga"), "up", *(["--restart"] if restart else [])],
             env=env,
             cwd=ROOT,
             stdout=log,
