@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     update_wait_seconds: float = Field(default=20.0, description="how long POST waits for a stable status")
 
     # PSP
-    psp_default: Literal["sandbox"] = "sandbox"
+    psp_default: Literal["sandbox", "stripe"] = "sandbox"
+    stripe_api_key: str = ""  # empty: the Stripe adapter is not registered
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_webhook_secret: str = ""
+    stripe_return_url: str = ""  # where Stripe sends the customer back after 3-D Secure
     sandbox_host: str = "127.0.0.1"
     sandbox_port: int = 8100
     sandbox_url: str = ""

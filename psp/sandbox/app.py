@@ -23,9 +23,11 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from psp.sandbox.disputes import dispute_router
+from psp.sandbox.faults import FaultMiddleware, FaultPlan, FaultSettings, quiet_server_logs
 from psp.sandbox.state import JSON, SandboxError, SandboxState, fingerprint
 from psp.signing import sign_header
 
@@ -50,12 +52,18 @@ class TokenCreate(_Body):
     name: str | None = Field(default=None, max_length=200)
 
 
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+MetadataValue = Annotated[str, StringConstraints(max_length=500)]
+
+
 class PaymentCreate(_Body):
     amount: StrictInt = Field(gt=0, le=MAX_AMOUNT)
     currency: str = Field(pattern=r"^[A-Za-z]{3}$")
     token: str = Field(min_length=1, max_length=255)
     reference: str = Field(min_length=1, max_length=255)
     description: str | None = Field(default=None, max_length=1000)
+    # Stripe-like limits; "sandbox_fault" here injects a fault for this payment (psp.sandbox.faults)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=20)
 
 
 class AuthenticateBody(_Body):
@@ -75,7 +83,8 @@ class RefundBody(_Body):
 
 class WebhookSender:
     """Delivers signed events from one background thread: never blocks or fails the request that
-    caused them. Best effort: a few attempts with backoff, then the event is dropped (and logged)."""
+    caused them. Best effort: a few attempts with backoff, then the event is dropped (and logged).
+    A FaultPlan can lose, duplicate, delay and reorder deliveries (counted in lost / duplicated)."""
 
     def __init__(
         self,
@@ -86,9 +95,11 @@ class WebhookSender:
         timeout: float = 5.0,
         attempts: int = 3,
         backoff: float = 0.5,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.url = url
         self._secret = secret
+        self._faults = faults
         self._attempts = attempts
         self._backoff = backoff
         self._client = httpx.Client(transport=transport, timeout=timeout)
@@ -97,6 +108,8 @@ class WebhookSender:
         self._start_lock = threading.Lock()
         self.delivered = 0
         self.dropped = 0
+        self.lost = 0
+        self.duplicated = 0
 
     def enqueue(self, event: JSON) -> None:
         try:
@@ -127,10 +140,43 @@ class WebhookSender:
             event = self._queue.get()
             if event is None:
                 return
-            try:
-                self._deliver(event)
-            except Exception:  # the thread must survive anything one event does
-                log.exception("sandbox webhook delivery crashed for %s", event["id"])
+            batch, stop = [event], False
+            window = self._faults.webhook_reorder_window_s if self._faults else None
+            if window is not None:
+                # reorder fault: what arrives within the window is delivered newest first
+                deadline = time.monotonic() + window
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        more = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                batch.reverse()
+            for item in batch:
+                try:
+                    self._deliver_with_faults(item)
+                except Exception:  # the thread must survive anything one event does
+                    log.exception("sandbox webhook delivery crashed for %s", item["id"])
+            if stop:
+                return
+
+    def _deliver_with_faults(self, event: JSON) -> None:
+        if self._faults is None:
+            self._deliver(event)
+            return
+        copies = self._faults.webhook_copies()
+        if copies == 0:
+            self.lost += 1
+            log.info("sandbox webhook %s lost (fault)", event["id"])
+            return
+        if self._faults.webhook_delay_s:
+            time.sleep(self._faults.webhook_delay_s)
+        for _ in range(copies):
+            self._deliver(event)
+        self.duplicated += copies - 1
 
     def _deliver(self, event: JSON) -> None:
         body = json.dumps(event, separators=(",", ":")).encode()
@@ -199,10 +245,18 @@ def create_app(
     webhook_secret: str,
     webhook_url: str = "",
     webhook_transport: httpx.BaseTransport | None = None,
+    faults: FaultPlan | None = None,
 ) -> FastAPI:
-    """The sandbox PSP. webhook_transport exists for tests (httpx.MockTransport)."""
-    sender = WebhookSender(webhook_url, webhook_secret, transport=webhook_transport) if webhook_url else None
+    """The sandbox PSP. webhook_transport exists for tests (httpx.MockTransport). Faults start off;
+    POST /admin/faults turns them on (psp.sandbox.faults)."""
+    plan = faults or FaultPlan()
+    sender = (
+        WebhookSender(webhook_url, webhook_secret, transport=webhook_transport, faults=plan)
+        if webhook_url
+        else None
+    )
     state = SandboxState(db_path, on_event=sender.enqueue if sender else None)
+    quiet_server_logs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -216,6 +270,8 @@ def create_app(
     app = FastAPI(title="paysaga sandbox PSP", version="1", lifespan=lifespan)
     app.state.sandbox = state
     app.state.webhooks = sender
+    app.state.faults = plan
+    app.add_middleware(FaultMiddleware, plan=plan)
 
     @app.exception_handler(SandboxError)
     async def _sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
@@ -263,6 +319,9 @@ def create_app(
     def create_payment(body: PaymentCreate, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         key = _require_idempotency_key(idempotency_key)
         fields = body.model_dump()
+        if fields["metadata"] is None:
+            # absent metadata keeps the fingerprint of the requests stored before the field existed
+            del fields["metadata"]
         return _respond(
             state.idempotent(
                 key,
@@ -326,4 +385,24 @@ def create_app(
         return JSONResponse({"object": "list", "data": data[:limit], "has_more": len(data) > limit})
 
     app.include_router(v1)
+
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(require_api_key)])
+
+    @admin.post("/faults")
+    def set_faults(body: FaultSettings) -> JSONResponse:
+        """Replace the fault settings; restarts the random sequences from the seed."""
+        plan.configure(body)
+        return JSONResponse(plan.snapshot())
+
+    @admin.get("/faults")
+    def get_faults() -> JSONResponse:
+        return JSONResponse(plan.snapshot())
+
+    @admin.delete("/faults")
+    def clear_faults() -> JSONResponse:
+        plan.configure(FaultSettings())
+        return JSONResponse(plan.snapshot())
+
+    app.include_router(admin)
+    app.include_router(dispute_router(state, require_api_key))
     return app

@@ -28,7 +28,7 @@ EventSink = Callable[[JSON], None]
 
 log = logging.getLogger(__name__)
 
-_KINDS = frozenset({"tokens", "payments", "refunds", "events", "idempotency", "attempts"})
+_KINDS = frozenset({"tokens", "payments", "refunds", "disputes", "events", "idempotency", "attempts"})
 
 
 class SandboxError(Exception):
@@ -247,6 +247,7 @@ class SandboxState:
         token: str,
         reference: str,
         description: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> JSON:
         with self._tx():
             card = self._get("tokens", token)
@@ -277,6 +278,7 @@ class SandboxState:
                 "authorizations": 1,
                 "token": token,
                 "description": description,
+                "metadata": dict(metadata or {}),
                 "created": _now(),
             }
             if behavior == "decline":
@@ -392,3 +394,23 @@ class SandboxState:
         """The events emitted about one object, oldest first."""
         with self._tx():
             return self._find("events", object_id)
+
+    # ---- for the routers kept in their own modules (psp/sandbox/disputes.py) ----
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic unit under the lock; events emitted inside are delivered after the commit."""
+        with self._tx():
+            yield
+
+    def load(self, kind: str, id: str) -> JSON | None:
+        return self._get(kind, id)
+
+    def store(self, kind: str, id: str, data: JSON, ref: str | None = None) -> None:
+        self._put(kind, id, data, ref)
+
+    def find(self, kind: str, ref: str) -> list[JSON]:
+        return self._find(kind, ref)
+
+    def emit(self, type: str, obj: JSON) -> None:
+        self._emit(type, obj)
