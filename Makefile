@@ -5,7 +5,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt demo clean
+.PHONY: run test lint fmt demo clean bench chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -17,6 +17,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+bench: $(STAMP)  ## checkout throughput vs the Temporal ceiling; writes bench/results.json
+	$(BIN)/python -m bench.run
+
+chaos: $(STAMP)  ## payments while the worker is SIGKILLed; exits non-zero on any violation
+	$(BIN)/python -m bench.chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
