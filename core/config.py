@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     sandbox_webhook_secret: str = DEV_SECRET
     sandbox_webhook_url: str = ""  # where the sandbox sends its events (empty: none)
     sandbox_db: str = ""  # sandbox state file; empty: <data_dir>/sandbox.db
+    # A second sandbox PSP, registered as "sandbox_b" (failover tests, `make run`): SANDBOX_B_PORT
+    # makes `paysaga up` start it; SANDBOX_B_URL alone points at one running elsewhere.
+    sandbox_b_port: int = 0  # 0: `paysaga up` starts no second sandbox
+    sandbox_b_url: str = ""  # empty: http://<sandbox_host>:<sandbox_b_port> if that port is set, else none
+    sandbox_b_db: str = ""  # empty: <data_dir>/sandbox_b.db
+    sandbox_b_webhook_url: str = ""  # where the second sandbox sends its events (empty: none)
+    # PSP routing: a PSP's circuit opens after this many calls in a row found it unavailable
+    # (connection refused, 5xx, 429), and lets one trial call through after the cool-down.
+    psp_breaker_failures: int = Field(default=5, ge=1)
+    psp_breaker_cooldown_s: float = Field(default=30.0, ge=0)
 
     # fees and fraud defaults for new merchants (per-merchant values live in the database)
     default_fee_bps: int = 290
@@ -71,8 +81,15 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'paysaga.db'}"
         if not self.sandbox_url:
             self.sandbox_url = f"http://{self.sandbox_host}:{self.sandbox_port}"
+        if not self.sandbox_webhook_url:
+            # the sandbox reports asynchronous outcomes (disputes, late answers) to our own API
+            self.sandbox_webhook_url = f"http://{self.api_host}:{self.api_port}/v1/psp/sandbox/webhooks"
         if not self.sandbox_db:
             self.sandbox_db = str(self.data_dir / "sandbox.db")
+        if not self.sandbox_b_url and self.sandbox_b_port:
+            self.sandbox_b_url = f"http://{self.sandbox_host}:{self.sandbox_b_port}"
+        if not self.sandbox_b_db:
+            self.sandbox_b_db = str(self.data_dir / "sandbox_b.db")
         if self.env == "prod":
             placeholders = [
                 name

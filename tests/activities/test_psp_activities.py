@@ -21,6 +21,7 @@ from psp.base import (
     CardDetails,
     CardToken,
     PSPAmbiguous,
+    PSPDispute,
     PSPPayment,
     PSPRefund,
     PSPUnavailable,
@@ -97,6 +98,16 @@ class CountingPSP:
     async def find_payments(self, reference: str) -> list[PSPPayment]:
         self._count("find_payments")
         return await self.inner.find_payments(reference)
+
+    async def submit_dispute_evidence(
+        self, psp_dispute_id: str, evidence: dict[str, str], *, idempotency_key: str
+    ) -> PSPDispute:
+        return await self.inner.submit_dispute_evidence(
+            psp_dispute_id, evidence, idempotency_key=idempotency_key
+        )
+
+    async def get_dispute(self, psp_dispute_id: str) -> PSPDispute:
+        return await self.inner.get_dispute(psp_dispute_id)
 
 
 class FailingPSP(CountingPSP):

@@ -12,9 +12,10 @@ from temporalio.worker import Replayer
 from core.config import Settings
 from core.temporal import data_converter
 from workflows.checkout import CheckoutWorkflow
+from workflows.dispute import DisputeWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
-WORKFLOWS = [CheckoutWorkflow]
+WORKFLOWS = [CheckoutWorkflow, DisputeWorkflow]
 
 
 def test_every_workflow_type_has_recorded_histories() -> None:
