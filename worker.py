@@ -27,11 +27,14 @@ from sqlmodel import Session
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.disputes import DisputeActivities
 from activities.fraud import FraudActivities
 from activities.ledger import LedgerActivities
 from activities.notify import NotifyActivities
 from activities.payments import PaymentActivities
 from activities.psp import PspActivities
+from activities.refunds import RefundActivities
+from activities.routing import Circuits, RoutingActivities
 from activities.stock import StockActivities
 from core import db
 from core.config import Settings, get_settings
@@ -39,6 +42,9 @@ from core.temporal import connect
 from psp.base import PSP
 from psp.registry import build_psps
 from workflows.checkout import CheckoutWorkflow
+from workflows.dispute import DisputeWorkflow
+from workflows.refund import RefundWorkflow
+from workflows.returns import ReturnWorkflow
 
 log = structlog.get_logger("worker")
 
@@ -89,13 +95,20 @@ def configure_logging(settings: Settings) -> None:
 
 
 def all_activities(settings: Settings, sessions: sessionmaker[Session], psps: Mapping[str, PSP]) -> list[Any]:
+    # one breaker per PSP, fed by every PSP call of this worker and read by choose_psp
+    circuits = Circuits(
+        failure_threshold=settings.psp_breaker_failures, cooldown_s=settings.psp_breaker_cooldown_s
+    )
     return [
-        *PspActivities(psps).activities(),
+        *PspActivities(psps, circuits).activities(),
+        *RoutingActivities(circuits, list(psps)).activities(),
         *PaymentActivities(sessions).activities(),
         *StockActivities(sessions).activities(),
         *FraudActivities(sessions).activities(),
         *LedgerActivities(sessions).activities(),
         *NotifyActivities(sessions, settings).activities(),
+        *DisputeActivities(sessions, psps).activities(),
+        *RefundActivities(sessions).activities(),
     ]
 
 
@@ -115,7 +128,7 @@ def build_worker(
         return Worker(
             client,
             task_queue=task_queue or settings.task_queue,
-            workflows=[CheckoutWorkflow],
+            workflows=[CheckoutWorkflow, DisputeWorkflow, RefundWorkflow, ReturnWorkflow],
             activities=all_activities(settings, sessions, psps),
             activity_executor=executor,
             max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,

@@ -1,7 +1,8 @@
-"""Customer emails about a payment: receipt, failure, action required.
+"""Customer emails about a payment: receipt, failure, action required, refund (or refund failed).
 
 With SMTP_URL set the message goes to that relay; without it (dev) only a one-line summary is
-logged, never the body. Each (payment, kind) is sent once: the notifications row is the record,
+logged, never the body. Each (payment, kind) -- (refund, kind) for refund notices, stored in the
+same payment_id column -- is sent once: the notifications row is the record,
 and a retry that finds it does not send again. Card data never appears: brand and last4 only.
 """
 
@@ -23,9 +24,9 @@ from temporalio.exceptions import ApplicationError
 from activities.payments import append_event, not_found
 from core.config import Settings
 from core.ledger_store import write_transaction
-from core.tables import Customer, Merchant, Notification, Payment, PaymentMethod
+from core.tables import Customer, Merchant, Notification, Payment, PaymentMethod, Refund
 from domain.money import Money
-from workflows.contracts import Act, ReceiptInput
+from workflows.contracts import Act, ReceiptInput, RefundAct, RefundNoticeInput
 
 log = logging.getLogger("paysaga.notify")
 
@@ -35,6 +36,8 @@ _KIND_LABEL = {
     "receipt": "receipt",
     "payment_failed": "payment failed notice",
     "action_required": "action required notice",
+    "refund_succeeded": "refund notice",
+    "refund_failed": "refund failed notice",
 }
 
 
@@ -84,6 +87,45 @@ def compose(
     return Email(recipient=customer.email, subject=subject, body="\n".join(lines) + "\n")
 
 
+def compose_refund(
+    kind: str,
+    refund: Refund,
+    payment: Payment,
+    customer: Customer,
+    merchant: Merchant,
+    method: PaymentMethod | None,
+) -> Email:
+    amount = Money(refund.amount, refund.currency).format()
+    card = f"{method.brand} ending in {method.last4}" if method is not None else "your payment method"
+    if kind == "refund_succeeded":
+        subject = f"Your refund of {amount} from {merchant.name}"
+        opening = (
+            f"{merchant.name} refunded {amount} to your {card}. Depending on your bank it can take "
+            "5 to 10 business days to appear on your statement."
+        )
+    elif kind == "refund_failed":
+        subject = f"Your refund of {amount} from {merchant.name} could not be completed"
+        opening = (
+            f"We could not send the refund of {amount} back to your {card}. "
+            f"Please contact {merchant.name} to arrange the refund another way."
+        )
+    else:
+        raise ApplicationError(f"unknown notification kind {kind!r}", type="InvalidInput", non_retryable=True)
+    greeting = f"Hello {customer.name}," if customer.name else "Hello,"
+    lines = [
+        greeting,
+        "",
+        opening,
+        "",
+        f"Amount:   {amount}",
+        f"Refund:   {refund.id}",
+        f"Payment:  {payment.id}",
+        "",
+        f"-- {merchant.name}, via paysaga",
+    ]
+    return Email(recipient=customer.email, subject=subject, body="\n".join(lines) + "\n")
+
+
 def send_smtp(smtp_url: str, mail_from: str, email: Email) -> None:
     parts = urlsplit(smtp_url)
     if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
@@ -111,7 +153,7 @@ class NotifyActivities:
         self.settings = settings
 
     def activities(self) -> list[Any]:
-        return [self.send_receipt]
+        return [self.send_receipt, self.send_refund_notice]
 
     def _already_sent(self, session: Session, payment_id: str, kind: str) -> bool:
         row = session.exec(
@@ -136,6 +178,12 @@ class NotifyActivities:
             method = session.get(PaymentMethod, payment.payment_method_id)
             email = compose(inp.kind, payment, customer, merchant, method)
 
+        self._deliver_once(inp.payment_id, inp.kind, email, inp.payment_id)
+
+    def _deliver_once(self, record_id: str, kind: str, email: Email, payment_id: str) -> None:
+        """Send (or log) `email`, then record it as notification (record_id, kind) with a note on
+        the payment's timeline. record_id is the object the notice is about: the payment for
+        receipts, the refund for refund notices (a payment can have many refunds)."""
         # Sent outside any DB transaction (no lock held while talking to a slow relay). If the
         # worker dies between sending and recording, the retry sends again: at-least-once.
         if self.settings.smtp_url:
@@ -143,9 +191,9 @@ class NotifyActivities:
             status, verb = "sent", "emailed"
         else:
             log.info(
-                "%s for payment %s logged (SMTP not configured): to=%s subject=%r",
-                inp.kind,
-                inp.payment_id,
+                "%s for %s logged (SMTP not configured): to=%s subject=%r",
+                kind,
+                record_id,
                 _mask(email.recipient),
                 email.subject,
             )
@@ -153,24 +201,47 @@ class NotifyActivities:
 
         try:
             with write_transaction(self.sessions) as session:
-                if self._already_sent(session, inp.payment_id, inp.kind):
+                if self._already_sent(session, record_id, kind):
                     return
                 session.add(
                     Notification(
-                        payment_id=inp.payment_id,
-                        kind=inp.kind,
+                        payment_id=record_id,
+                        kind=kind,
                         recipient=email.recipient,
                         subject=email.subject[:200],
                         status=status,
                     )
                 )
-                current = session.get(Payment, inp.payment_id)
+                current = session.get(Payment, payment_id)
                 if current is None:
-                    raise not_found(f"payment {inp.payment_id}")
+                    raise not_found(f"payment {payment_id}")
                 # the timeline keeps the payment's status; the reason says what happened
-                append_event(session, current.id, current.status, f"{_KIND_LABEL[inp.kind]} {verb}")
+                label = _KIND_LABEL[kind]
+                if record_id != payment_id:
+                    label = f"{label} for {record_id}"
+                append_event(session, current.id, current.status, f"{label} {verb}")
         except IntegrityError:
             # a concurrent attempt recorded it first: the unique (payment_id, kind) says it is done
             with self.sessions() as session:
-                if not self._already_sent(session, inp.payment_id, inp.kind):
+                if not self._already_sent(session, record_id, kind):
                     raise
+
+    @activity.defn(name=RefundAct.SEND_REFUND_NOTICE)
+    def send_refund_notice(self, inp: RefundNoticeInput) -> None:
+        """Tell the customer a refund went back to their card (or could not). Once per refund."""
+        with self.sessions() as session:
+            if self._already_sent(session, inp.refund_id, inp.kind):
+                return
+            refund = session.get(Refund, inp.refund_id)
+            if refund is None:
+                raise not_found(f"refund {inp.refund_id}")
+            payment = session.get(Payment, refund.payment_id)
+            if payment is None:
+                raise not_found(f"payment {refund.payment_id}")
+            customer = session.get(Customer, payment.customer_id)
+            merchant = session.get(Merchant, payment.merchant_id)
+            if customer is None or merchant is None:
+                raise not_found(f"customer or merchant of payment {payment.id}")
+            method = session.get(PaymentMethod, payment.payment_method_id)
+            email = compose_refund(inp.kind, refund, payment, customer, merchant, method)
+        self._deliver_once(refund.id, inp.kind, email, payment.id)

@@ -23,7 +23,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import KeyCache
 from api.errors import install_error_handlers, internal_error_response
-from api.routes import carts, customers, health, ledger, orders, payment_methods, payments, products
+from api.routes import (
+    carts,
+    customers,
+    disputes,
+    health,
+    ledger,
+    orders,
+    payment_methods,
+    payments,
+    products,
+    psp_webhooks,
+    refunds,
+    returns,
+)
 from core.config import Settings, get_settings
 from core.db import make_engine, session_factory
 
@@ -195,7 +208,20 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, metrics=metrics)
 
-    for module in (customers, payment_methods, products, carts, orders, payments, ledger, health):
+    for module in (
+        customers,
+        payment_methods,
+        products,
+        carts,
+        orders,
+        payments,
+        refunds,
+        returns,
+        disputes,
+        psp_webhooks,
+        ledger,
+        health,
+    ):
         app.include_router(module.router)
 
     @app.get("/metrics", include_in_schema=False)

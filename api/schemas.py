@@ -349,3 +349,86 @@ class HealthPublic(BaseModel):
     status: Literal["ok", "degraded"]
     database: str
     temporal: str
+
+
+# ---- disputes ----
+
+
+class DisputeEvidenceCreate(_In):
+    # the text fields of domain.disputes.EVIDENCE_FIELDS; checked there (unknown keys are a 400)
+    evidence: Annotated[dict[StrictStr, Annotated[StrictStr, Field(max_length=20_000)]], Field(max_length=50)]
+
+
+class DisputePublic(_Out):
+    id: str
+    object: Literal["dispute"] = "dispute"
+    amount: int
+    currency: str
+    payment: str
+    reason: str | None
+    status: Literal["needs_response", "under_review", "won", "lost"]
+    evidence: dict[str, Any]
+    evidence_due_by: int
+    workflow_id: str
+    created: int
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+# ---- refunds and returns ----
+
+RefundReason = Literal["duplicate", "fraudulent", "requested_by_customer"]
+
+
+class RefundCreate(_In):
+    payment: ObjectId
+    amount: Amount | None = None  # None: everything still refundable
+    reason: RefundReason | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class RefundPublic(_Out):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    object: Literal["refund"] = "refund"
+    amount: int
+    currency: str
+    payment: str
+    status: Literal["pending", "succeeded", "failed"]
+    reason: str | None
+    failure_reason: str | None
+    # the return this refund pays back, if any ("return" is a Python keyword)
+    return_: str | None = Field(default=None, alias="return")
+    workflow_id: str
+    created: int
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ReturnItemCreate(_In):
+    product: ObjectId
+    quantity: StrictInt = Field(gt=0, le=10_000)
+
+
+class ReturnCreate(_In):
+    items: list[ReturnItemCreate] = Field(min_length=1, max_length=100)
+
+
+class ReturnItemPublic(BaseModel):
+    product: str
+    quantity: int
+    unit_price: int
+
+
+class ReturnPublic(_Out):
+    id: str
+    object: Literal["return"] = "return"
+    order: str
+    status: Literal["authorized", "received", "refunded", "expired"]
+    items: list[ReturnItemPublic]
+    amount: int  # value of the items at the order's prices; the refund is at most what is refundable
+    currency: str
+    refund: RefundPublic | None
+    expires_at: int  # unix seconds: not received by then, the return expires
+    workflow_id: str
+    created: int
+    metadata: dict[str, str] = Field(default_factory=dict)

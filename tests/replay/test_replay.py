@@ -13,9 +13,11 @@ from core.config import Settings
 from core.temporal import data_converter
 from workflows.checkout import CheckoutWorkflow
 from workflows.dispute import DisputeWorkflow
+from workflows.refund import RefundWorkflow
+from workflows.returns import ReturnWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
-WORKFLOWS = [CheckoutWorkflow, DisputeWorkflow]
+WORKFLOWS = [CheckoutWorkflow, DisputeWorkflow, RefundWorkflow, ReturnWorkflow]
 
 
 def test_every_workflow_type_has_recorded_histories() -> None:
