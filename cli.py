@@ -29,10 +29,10 @@ if TYPE_CHECKING:
 
 # Seconds a service gets after SIGTERM before it is killed. The worker drains in-flight tasks
 # (graceful timeout 10 s in worker.py), the others stop almost at once.
-STOP_TIMEOUTS = {"api": 8.0, "worker": 15.0, "psp": 8.0, "temporal": 10.0}
+STOP_TIMEOUTS = {"api": 8.0, "worker": 15.0, "psp": 8.0, "psp_b": 8.0, "temporal": 10.0}
 TEMPORAL_START_TIMEOUT = 60.0
 READY_TIMEOUT = 60.0
-COLORS = {"temporal": "35", "psp": "36", "worker": "33", "api": "32", "up": "1"}  # ANSI SGR codes
+COLORS = {"temporal": "35", "psp": "36", "psp_b": "34", "worker": "33", "api": "32", "up": "1"}  # ANSI SGR
 TERMINAL_STATUSES = {"succeeded", "failed", "canceled"}
 
 
@@ -110,6 +110,7 @@ def urls(settings: Settings) -> dict[str, str]:
         "API docs": f"http://{settings.api_host}:{settings.api_port}/docs",
         "Temporal UI": f"http://{host}:{settings.temporal_ui_port}",
         "Sandbox PSP": settings.sandbox_url,
+        **({"Sandbox PSP B": settings.sandbox_b_url} if settings.sandbox_b_port else {}),
     }
 
 
@@ -271,12 +272,15 @@ class Supervisor:
                 # the worker and the API retry their own Temporal connection; starting them only
                 # now keeps the first minute of logs free of connection-refused noise
                 await self.start("psp", self_command("psp"))
+                ready = [f"{settings.sandbox_url}/healthz"]
+                if settings.sandbox_b_port:  # a second sandbox for PSP failover ("sandbox_b")
+                    await self.start("psp_b", self_command("psp", "--name", "sandbox_b"))
+                    ready.append(f"{settings.sandbox_b_url}/healthz")
                 await self.start("worker", self_command("worker"))
                 await self.start("api", self_command("api"))
                 api = f"http://{settings.api_host}:{settings.api_port}/healthz"
-                psp = f"{settings.sandbox_url}/healthz"
                 if await self._wait_or_abort(
-                    lambda: http_ok(api, psp), stop, "API and sandbox PSP", READY_TIMEOUT
+                    lambda: http_ok(api, *ready), stop, "API and sandbox PSP", READY_TIMEOUT
                 ):
                     self.say("up", "ready:")
                     for label, url in urls(settings).items():
@@ -367,6 +371,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
+    if not settings.sandbox_webhook_url:
+        # The sandbox's webhooks go to our receiver unless told otherwise; the children inherit it.
+        host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host
+        url = f"http://{host}:{settings.api_port}/v1/psp/sandbox/webhooks"
+        os.environ["SANDBOX_WEBHOOK_URL"] = url
+        settings = settings.model_copy(update={"sandbox_webhook_url": url})
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     migrate(settings)
     return asyncio.run(Supervisor(settings, restart=args.restart).run())
@@ -411,16 +421,23 @@ def cmd_psp(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings)
+    db_path, port, webhook_url = settings.sandbox_db, settings.sandbox_port, settings.sandbox_webhook_url
+    if args.name == "sandbox_b":
+        if not settings.sandbox_b_port:
+            print("paysaga psp --name sandbox_b needs SANDBOX_B_PORT", file=sys.stderr)
+            return 2
+        db_path, port = settings.sandbox_b_db, settings.sandbox_b_port
+        webhook_url = settings.sandbox_b_webhook_url
     app = create_app(
-        db_path=settings.sandbox_db,
+        db_path=db_path,
         api_key=settings.sandbox_api_key,
         webhook_secret=settings.sandbox_webhook_secret,
-        webhook_url=settings.sandbox_webhook_url,
+        webhook_url=webhook_url,
     )
     uvicorn.run(
         app,
         host=settings.sandbox_host,
-        port=settings.sandbox_port,
+        port=port,
         log_config=None,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
@@ -454,6 +471,44 @@ def create_operator(settings: Settings, name: str) -> dict[str, str]:
             return {"id": operator.id, "name": operator.name, "api_key": key}
     finally:
         engine.dispose()
+
+
+def merchant_routing(settings: Settings, merchant_id: str, rules_json: str | None) -> dict[str, Any]:
+    """A merchant's routing rules; replaced first when rules_json is given (validated, normalized).
+    Raises ValueError (bad rules) or LookupError (no such merchant)."""
+    from core import db
+    from core.tables import Merchant
+    from domain.routing import parse_rules
+    from psp.registry import KNOWN_PSPS
+
+    rules = None
+    if rules_json is not None:
+        try:
+            raw = json.loads(rules_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--rules is not JSON: {exc}") from None
+        rules = [rule.to_json() for rule in parse_rules(raw, KNOWN_PSPS)]
+    migrate(settings)
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.transaction(db.session_factory(engine)) as session:
+            merchant = session.get(Merchant, merchant_id)
+            if merchant is None:
+                raise LookupError(f"no merchant {merchant_id}")
+            if rules is not None:
+                merchant.routing_rules = rules
+            return {"id": merchant.id, "routing_rules": list(merchant.routing_rules)}
+    finally:
+        engine.dispose()
+
+
+def cmd_merchant_routing(args: argparse.Namespace) -> int:
+    try:
+        print(json.dumps(merchant_routing(_settings(), args.id, args.rules)))
+    except (ValueError, LookupError) as exc:
+        print(f"paysaga merchant routing: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    return 0
 
 
 def cmd_merchant_create(args: argparse.Namespace) -> int:
@@ -663,7 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("worker", help="run a Temporal worker").set_defaults(func=cmd_worker)
     sub.add_parser("api", help="run the HTTP API").set_defaults(func=cmd_api)
-    sub.add_parser("psp", help="run the sandbox PSP").set_defaults(func=cmd_psp)
+    psp = sub.add_parser("psp", help="run the sandbox PSP")
+    psp.add_argument(
+        "--name",
+        choices=["sandbox", "sandbox_b"],
+        default="sandbox",
+        help="sandbox_b: the second sandbox (SANDBOX_B_PORT, SANDBOX_B_DB), for PSP failover",
+    )
+    psp.set_defaults(func=cmd_psp)
 
     for noun, func in (("merchant", cmd_merchant_create), ("operator", cmd_operator_create)):
         p = sub.add_parser(noun, help=f"manage {noun}s")
@@ -671,6 +733,18 @@ def build_parser() -> argparse.ArgumentParser:
         create = actions.add_parser("create", help=f"create a {noun} and print its secret key once (JSON)")
         create.add_argument("--name", required=True)
         create.set_defaults(func=func)
+        if noun == "merchant":
+            routing = actions.add_parser(
+                "routing", help="show (no --rules) or replace a merchant's PSP routing rules (JSON)"
+            )
+            routing.add_argument("--id", required=True, help="the merchant id (mer_...)")
+            routing.add_argument(
+                "--rules",
+                help='JSON list, first match wins, e.g. \'[{"currency": "eur", "psps": ["sandbox_b", '
+                '"sandbox"]}]\'; fields: currency, method, min_amount, max_amount (minor units, '
+                "inclusive), psps (preference order); [] = the default order",
+            )
+            routing.set_defaults(func=cmd_merchant_routing)
 
     demo = sub.add_parser("demo", help="run a whole cart checkout against the running stack")
     demo.add_argument("--api", help="API base URL (default: from settings, http://127.0.0.1:8000)")

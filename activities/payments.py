@@ -112,6 +112,7 @@ class PaymentActivities:
             new = checked_transition(payment.status, upd.status)
             payment.status = new.value
             for name in (
+                "psp",  # routing moved the payment to another PSP before authorizing there
                 "psp_payment_id",
                 "failure_code",
                 "decline_code",

@@ -65,6 +65,9 @@ class Merchant(SQLModel, table=True):
     # "return" (the fee share of the refunded amount goes back to the merchant)
     refund_fee_policy: str = Field(default="keep", max_length=10)
     chargeback_fee: int = Field(default=1500, sa_column=Column(BigInteger, nullable=False))
+    # PSP routing rules (domain.routing.RoutingRule.to_json, first match wins); empty: the
+    # platform's default order
+    routing_rules: list[dict[str, Any]] = _json(list)
     created: datetime = _ts()
 
 
@@ -106,8 +109,11 @@ class PaymentMethod(SQLModel, table=True):
     merchant_id: str = Field(foreign_key="merchants.id", index=True)
     customer_id: str = Field(foreign_key="customers.id", index=True)
     type: str = "card"
-    psp: str = Field(max_length=20)
+    psp: str = Field(max_length=20)  # the primary PSP: its token is psp_token
     psp_token: str = Field(max_length=100)
+    # {psp: token} at every PSP that tokenized the card (the primary included): a token works only
+    # at the PSP that issued it, so routing can send the payment only where the card has one
+    psp_tokens: dict[str, str] = _json(dict)
     brand: str = Field(max_length=20)
     funding: str = Field(max_length=10)
     last4: str = Field(max_length=4)

@@ -1,10 +1,13 @@
 """Which PSP adapters exist, built once from Settings with the shared httpx client.
 
-The sandbox is always there. Stripe is added when STRIPE_API_KEY is set; its adapter keeps its own
-HTTP client (the Stripe SDK's httpx transport), closed with `await psps["stripe"].aclose()`.
+The sandbox is always there; a second sandbox ("sandbox_b", same adapter, its own service and state)
+when SANDBOX_B_URL or SANDBOX_B_PORT is set. Stripe is added when STRIPE_API_KEY is set; its adapter
+keeps its own HTTP client (the Stripe SDK's httpx transport), closed with `await psps["stripe"].aclose()`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import httpx
 
@@ -13,10 +16,41 @@ from psp.base import PSP
 from psp.sandbox.client import SandboxPSP
 from psp.stripe import StripePSP
 
+# Every PSP name this code base can register, in the default routing order after PSP_DEFAULT.
+KNOWN_PSPS: tuple[str, ...] = ("sandbox", "sandbox_b", "stripe")
+
+
+def configured_psps(settings: Settings) -> list[str]:
+    """The names build_psps registers for these settings (no client is built)."""
+    names = ["sandbox"]
+    if settings.sandbox_b_url:
+        names.append("sandbox_b")
+    if settings.stripe_api_key:
+        names.append("stripe")
+    return names
+
+
+def default_order(settings: Settings, available: Sequence[str]) -> tuple[str, ...]:
+    """The routing order for merchants without a matching rule: PSP_DEFAULT, then the others
+    available in KNOWN_PSPS order."""
+    rest = sorted(
+        (p for p in available if p != settings.psp_default),
+        key=lambda p: KNOWN_PSPS.index(p) if p in KNOWN_PSPS else len(KNOWN_PSPS),
+    )
+    head = [settings.psp_default] if settings.psp_default in available else []
+    return (*head, *rest)
+
 
 def build_psps(settings: Settings, http: httpx.AsyncClient) -> dict[str, PSP]:
-    psps: dict[str, PSP] = {"sandbox": SandboxPSP(http, settings.sandbox_url, settings.sandbox_api_key)}
-    # getattr: these Settings fields may not exist yet in every checkout of core/config.py
+    # The customer's browser comes back from a wallet or bank page to our API's return route.
+    return_url = f"http://{settings.api_host}:{settings.api_port}/v1/payments/{{reference}}/return"
+    psps: dict[str, PSP] = {
+        "sandbox": SandboxPSP(http, settings.sandbox_url, settings.sandbox_api_key, return_url=return_url)
+    }
+    if settings.sandbox_b_url:
+        sandbox_b = SandboxPSP(http, settings.sandbox_b_url, settings.sandbox_api_key, return_url=return_url)
+        sandbox_b.name = "sandbox_b"  # the instance's name is the key everything else uses
+        psps["sandbox_b"] = sandbox_b
     if settings.stripe_api_key:
         psps["stripe"] = StripePSP.from_settings(settings)
     return psps
