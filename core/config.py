@@ -88,6 +88,8 @@ class Settings(BaseSettings):
             self.sandbox_db = str(self.data_dir / "sandbox.db")
         if not self.sandbox_b_url and self.sandbox_b_port:
             self.sandbox_b_url = f"http://{self.sandbox_host}:{self.sandbox_b_port}"
+        if not self.sandbox_b_webhook_url and self.sandbox_b_url:
+            self.sandbox_b_webhook_url = f"http://{self.api_host}:{self.api_port}/v1/psp/sandbox_b/webhooks"
         if not self.sandbox_b_db:
             self.sandbox_b_db = str(self.data_dir / "sandbox_b.db")
         if self.env == "prod":

@@ -45,6 +45,8 @@ from psp.base import (
     AuthorizeRequest,
     CardDetails,
     CardToken,
+    MethodDetails,
+    MethodToken,
     PSPAmbiguous,
     PSPDispute,
     PSPError,
@@ -235,7 +237,11 @@ def map_error(err: stripe.StripeError, what: str, *, mutating: bool) -> PSPError
         )
     status = err.http_status
     if isinstance(err, stripe.APIError) and (status is None or status >= 500 or status == 409):
-        # 5xx, or 409: a concurrent request with the same idempotency key is still running
+        # Stripe stores a request's result once execution has begun, 5xx included, and a 409 means a
+        # request with the same key is still running: on a money-moving call the outcome is unknown
+        # (look it up before anything else, never fail over); on a read, nothing happened.
+        if mutating:
+            return PSPAmbiguous(f"{what}: HTTP {status}")
         return PSPUnavailable(f"{what}: HTTP {status}", retry_after=_retry_after(err))
     code = getattr(err, "code", None)
     return PSPRejected(f"{what}: HTTP {status} {err.user_message or ''}".rstrip(), code=code)
@@ -413,6 +419,11 @@ class StripePSP:
             exp_month=int(details.get("exp_month") or card.exp_month),
             exp_year=int(details.get("exp_year") or card.exp_year),
         )
+
+    async def tokenize_method(self, method: MethodDetails) -> MethodToken:
+        # Our wallet and netbanking types are the sandbox's; this adapter does not map them onto
+        # Stripe's own wallet / bank-redirect methods (yet), so it says so instead of pretending.
+        raise PSPRejected(f"unsupported method: {method.type}", code="unsupported_method")
 
     async def authorize(self, req: AuthorizeRequest) -> PSPPayment:
         intents = await self._intents_for(req.reference)

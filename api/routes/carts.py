@@ -23,7 +23,7 @@ from api.deps import run_db, sessions_of, unix
 from api.errors import ApiError, conflict, invalid, not_found
 from api.routes.customers import get_customer
 from api.routes.orders import read_order
-from api.routes.payment_methods import get_payment_method
+from api.routes.payment_methods import get_payment_method, routing_for
 from api.routes.payments import ERROR_RESPONSES, failure_error, read_payment, run_checkout
 from api.schemas import CartCreate, CartItemCreate, CartItemPublic, CartPublic, CheckoutCreate, OrderPublic
 from core.db import transaction
@@ -300,6 +300,7 @@ async def checkout(
     payment = plan.payment
     if payment is None or payment.status == PaymentStatus.PROCESSING:
         pm = plan.payment_method
+        routing = await routing_for(request, merchant_id, pm, plan.currency, plan.amount)
         payment = await run_checkout(
             request,
             CheckoutInput(
@@ -307,8 +308,10 @@ async def checkout(
                 merchant_id=merchant_id,
                 customer_id=plan.customer_id,
                 payment_method_id=pm.id,
-                psp=pm.psp,
-                psp_token=pm.psp_token,
+                psp=routing.psp,
+                psp_token=routing.psp_token,
+                psp_tokens=routing.psp_tokens,
+                route=routing.route,
                 amount=plan.amount,
                 currency=plan.currency,
                 order_id=plan.order_id,

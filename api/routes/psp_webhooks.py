@@ -88,6 +88,8 @@ class Receiver:
 # psp name -> how its webhooks are signed. Stripe's adapter adds ("Stripe-Signature", its secret).
 RECEIVERS: dict[str, Receiver] = {
     "sandbox": Receiver("Paysaga-Signature", lambda s: s.sandbox_webhook_secret),
+    # the second sandbox instance (failover) signs with the same secret
+    "sandbox_b": Receiver("Paysaga-Signature", lambda s: s.sandbox_webhook_secret),
 }
 
 
