@@ -92,6 +92,8 @@ class LedgerActivities:
 
             payment.status = new.value
             payment.amount_received = inp.amount
+            if inp.psp_payment_id:
+                payment.psp_payment_id = inp.psp_payment_id
             payment.amount_capturable = 0
             payment.updated = utcnow()
             append_event(session, payment.id, new.value, CAPTURED_REASON)

@@ -288,6 +288,7 @@ class PostCaptureInput:
     psp: str
     amount: int  # captured amount, minor units
     currency: str
+    psp_payment_id: str | None = None  # stored on the payment: refunds and webhooks find it by it
 
 
 @dataclass
