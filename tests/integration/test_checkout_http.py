@@ -59,7 +59,12 @@ async def test_demo_flow_cart_checkout_with_otp(api: Api, ops: Api, stack: Stack
     assert (await api.get(f"/v1/products/{p1['id']}")).json()["stock"] == 3
     assert (await api.get(f"/v1/products/{p2['id']}")).json()["stock"] == 2
 
-    got = (await api.get(f"/v1/payments/{payment['id']}")).json()
+    # the receipt goes out after the payment succeeded (the answer does not wait for the email)
+    for _ in range(50):
+        got = (await api.get(f"/v1/payments/{payment['id']}")).json()
+        if any("receipt" in (e["reason"] or "") for e in got["timeline"]):
+            break
+        await asyncio.sleep(0.1)
     statuses = [e["status"] for e in got["timeline"]]
     assert statuses[0] == "processing" and "requires_action" in statuses and "succeeded" in statuses
     assert any("receipt" in (e["reason"] or "") for e in got["timeline"])
