@@ -54,11 +54,21 @@ def _mask(email: str) -> str:
     return f"{local[:1]}***@{domain}" if domain else "***"
 
 
+def _method_label(method: PaymentMethod | None) -> str:
+    if method is None:
+        return "your payment method"
+    if method.type == "wallet":
+        return f"wallet ({method.brand})"
+    if method.type == "netbanking":
+        return f"net banking ({method.brand})"
+    return f"{method.brand} ending in {method.last4}"
+
+
 def compose(
     kind: str, payment: Payment, customer: Customer, merchant: Merchant, method: PaymentMethod | None
 ) -> Email:
     amount = Money(payment.amount, payment.currency).format()
-    card = f"{method.brand} ending in {method.last4}" if method is not None else "your payment method"
+    card = _method_label(method)
     if kind == "receipt":
         subject = f"Your receipt from {merchant.name}: {amount}"
         opening = f"Thank you for your payment of {amount} to {merchant.name}."
@@ -96,7 +106,7 @@ def compose_refund(
     method: PaymentMethod | None,
 ) -> Email:
     amount = Money(refund.amount, refund.currency).format()
-    card = f"{method.brand} ending in {method.last4}" if method is not None else "your payment method"
+    card = _method_label(method)
     if kind == "refund_succeeded":
         subject = f"Your refund of {amount} from {merchant.name}"
         opening = (

@@ -118,10 +118,21 @@ class CardCreate(_In):
     name: Text | None = None
 
 
+class NetbankingCreate(_In):
+    bank: Annotated[StrictStr, Field(pattern=r"^[a-z0-9_]{2,20}$", description="the bank's code")]
+
+
+PaymentMethodType = Literal["card", "wallet", "netbanking"]
+
+
 class PaymentMethodCreate(_In):
-    type: Literal["card"]
+    """`card` for type card, `netbanking` for type netbanking, neither for a wallet (the customer
+    approves each payment on the wallet's page)."""
+
+    type: PaymentMethodType
     customer: ObjectId
-    card: CardCreate
+    card: CardCreate | None = None
+    netbanking: NetbankingCreate | None = None
 
 
 class ProductCreate(_In):
@@ -208,12 +219,24 @@ class CardPublic(BaseModel):
     fingerprint: str
 
 
+class WalletPublic(BaseModel):
+    provider: str
+
+
+class NetbankingPublic(BaseModel):
+    bank: str
+
+
 class PaymentMethodPublic(_Out):
+    """The sub-object named by `type` is set (`card`, `wallet` or `netbanking`); the others are null."""
+
     id: str
     object: Literal["payment_method"] = "payment_method"
-    type: Literal["card"] = "card"
+    type: PaymentMethodType = "card"
     customer: str
-    card: CardPublic
+    card: CardPublic | None = None
+    wallet: WalletPublic | None = None
+    netbanking: NetbankingPublic | None = None
     created: int
     metadata: dict[str, str] = Field(default_factory=dict)
 

@@ -61,6 +61,26 @@ class CardToken:
     exp_year: int
 
 
+MethodType = Literal["wallet", "netbanking"]
+
+
+@dataclass(frozen=True)
+class MethodDetails:
+    """A payment method that is not a card: approved by the customer on a redirect page (the wallet
+    provider's or the bank's), so there is nothing secret to carry here."""
+
+    type: MethodType
+    bank: str | None = None  # netbanking: the bank's code
+
+
+@dataclass(frozen=True)
+class MethodToken:
+    token: str
+    type: MethodType
+    provider: str | None = None  # wallet: which wallet
+    bank: str | None = None  # netbanking: the bank's code
+
+
 @dataclass(frozen=True)
 class AuthorizeRequest:
     reference: str  # our payment id
@@ -99,10 +119,26 @@ class PSPRefund:
     status: Literal["pending", "succeeded", "failed"]
 
 
+@dataclass(frozen=True)
+class PSPDispute:
+    id: str
+    payment_id: str  # the PSP's payment id
+    amount: int
+    currency: str
+    status: Literal["needs_response", "under_review", "won", "lost"]
+    reason: str | None = None
+    evidence_due_by: int | None = None  # unix seconds
+    created: int = 0  # unix seconds
+
+
 class PSP(Protocol):
     name: str
 
     async def tokenize_card(self, card: CardDetails) -> CardToken: ...
+
+    async def tokenize_method(self, method: MethodDetails) -> MethodToken:
+        """A wallet or bank token; raises PSPRejected for a type this PSP does not offer."""
+        ...
 
     async def authorize(self, req: AuthorizeRequest) -> PSPPayment: ...
 
@@ -117,3 +153,9 @@ class PSP(Protocol):
     async def get_payment(self, psp_payment_id: str) -> PSPPayment: ...
 
     async def find_payments(self, reference: str) -> list[PSPPayment]: ...
+
+    async def submit_dispute_evidence(
+        self, psp_dispute_id: str, evidence: dict[str, str], *, idempotency_key: str
+    ) -> PSPDispute: ...
+
+    async def get_dispute(self, psp_dispute_id: str) -> PSPDispute: ...

@@ -2,8 +2,16 @@
 
 create payment -> reserve stock (undo: release) -> fraud check (decline / manual review) ->
 authorize at the PSP (undo: void, after a lookup if the PSP's answer was lost) -> customer
-authentication (OTP) -> capture (automatic, or manual within the capture window) -> ledger posting
-(undo after capture: refund) -> succeeded, order confirmed, receipt.
+authentication (OTP, or a wallet / bank redirect) -> capture (automatic, or manual within the
+capture window) -> ledger posting (undo after capture: refund) -> succeeded, order confirmed, receipt.
+
+What the PSP holds is learnt, not assumed (_watch_psp): a webhook (psp_event signal) or the
+customer's return from a redirect page (recheck update) wakes the workflow to look the payment up,
+and polls with backoff cover the lost webhook. An authorize or capture that gave up without an
+answer is investigated the same way before anything else happens: found -> carry on; the PSP has
+nothing -> fail, nothing charged; the PSP unreachable until the deadline -> fail and let the void
+undo settle whatever turns up. Deadlines (authentication, capture window, review, investigation)
+cancel or void and email the customer.
 
 A decline, a fraud rejection, a timeout or a customer cancel is a business outcome: the workflow
 compensates and COMPLETES with a failed/canceled CheckoutResult. Only an operator cancelling the
@@ -21,18 +29,21 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from workflows import options
+from workflows.failover import RoutingHooks, authorize_with_failover
 from workflows.saga import Saga, run_shielded
 
 with workflow.unsafe.imports_passed_through():
     from domain.states import STABLE, PaymentStatus
     from workflows.contracts import (
         CHECKOUT_WORKFLOW,
+        PSP_EVENT_SIGNAL,
+        RECHECK_UPDATE,
         SA_AMOUNT_MINOR,
         SA_CURRENCY,
         SA_MERCHANT_ID,
@@ -40,7 +51,6 @@ with workflow.unsafe.imports_passed_through():
         Act,
         AuthenticateInput,
         AuthenticateRequest,
-        AuthorizeInput,
         CancelRequest,
         CaptureInput,
         CaptureRequest,
@@ -56,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
         PaymentUpdate,
         PostCaptureInput,
         PostCaptureResult,
+        PSPEvent,
         PSPResult,
         ReceiptInput,
         RefundInput,
@@ -84,6 +95,7 @@ class _Stop(Exception):
         failure_code: str | None = None,
         decline_code: str | None = None,
         message: str | None = None,
+        notify: bool = False,
     ) -> None:
         super().__init__(reason)
         self.status = status
@@ -91,6 +103,8 @@ class _Stop(Exception):
         self.failure_code = failure_code
         self.decline_code = decline_code
         self.message = message
+        # a deadline ended the payment while nobody was waiting on it: tell the customer by email
+        self.notify = notify
 
 
 def _cause(err: ActivityError) -> tuple[str | None, str]:
@@ -119,6 +133,17 @@ class CheckoutWorkflow:
         self._review: ReviewRequest | None = None
         self._psp_status: str | None = None  # the PSP's last answer about this payment
         self._psp_uncertain = False  # a PSP call's outcome is unknown: look the payment up before undoing
+        self._routed_psp: str | None = None  # the PSP routing chose (workflows/failover.py)
+        self._psp_event: PSPEvent | None = None  # the newest PSP webhook about this payment
+        self._events_seen: set[str] = set()  # webhook event ids already counted (redeliveries)
+        # What wakes a loop waiting for the PSP (_watch_psp) to look the payment up before its
+        # next poll: a new webhook, a return-URL nudge (recheck update).
+        self._wake = 0
+        self._wake_seen = 0
+        self._nudges = 0
+        self._nudges_seen = 0
+        self._lookups = 0  # look-ups done by _watch_psp, answered or not
+        self._idle = False  # _watch_psp is blocked between look-ups
         self._authorized = 0
         self._captured = 0
 
@@ -246,7 +271,7 @@ class CheckoutWorkflow:
             )
             self._raise_if_canceled()
             if not arrived:
-                raise _Stop(S.CANCELED, reason="capture window expired")
+                raise _Stop(S.CANCELED, reason="capture window expired", notify=True)
             assert self._capture is not None
             amount = self._capture.amount or amount
         # Capture, ledger posting and the success steps run as one unit: a workflow cancellation
@@ -269,6 +294,7 @@ class CheckoutWorkflow:
                 failure_code="card_declined",
                 decline_code="fraudulent",
                 message="Manual review was not completed in time.",
+                notify=True,
             )
         review = self._review
         assert review is not None
@@ -287,21 +313,19 @@ class CheckoutWorkflow:
         inp = self._inp
         # Registered first: if the authorize answer is lost, the undo looks the payment up and voids it.
         self._saga.add(self._undo_authorization, "void")
-        self._psp_uncertain = True
         try:
-            auth = await self._psp_call(
-                Act.AUTHORIZE_PAYMENT,
-                AuthorizeInput(
-                    payment_id=inp.payment_id,
-                    psp=inp.psp,
-                    psp_token=inp.psp_token,
-                    amount=inp.amount,
-                    currency=inp.currency,
-                    description=inp.description,
+            # Routing (workflows/failover.py): the first PSP of the route that takes the payment; from
+            # here on every PSP call goes to the one it chose (self._psp_name).
+            auth = await authorize_with_failover(
+                inp,
+                RoutingHooks(
+                    authorize=lambda arg, preset: self._psp_call(Act.AUTHORIZE_PAYMENT, arg, preset),
+                    use_psp=self._use_psp,
+                    note=self._route_note,
                 ),
             )
         except ActivityError as err:
-            raise self._psp_failure(err, "authorize") from err
+            auth = await self._authorize_outcome(err)
         self._authorized = auth.amount
 
         if auth.status == "requires_action":
@@ -322,20 +346,66 @@ class CheckoutWorkflow:
                 message=auth.message,
             )
 
-    async def _authenticate(self, next_action: NextAction | None) -> PSPResult:
-        """requires_action: wait for the customer's OTP (or a cancel) and confirm it at the PSP."""
-        inp = self._inp
-        await self._set_status(
-            S.REQUIRES_ACTION,
-            reason="customer authentication required",
-            next_action=next_action or NextAction(type="otp"),
+    async def _authorize_outcome(self, err: ActivityError) -> PSPResult:
+        """authorize_payment gave up without an answer. A refusal is final; anything else may have
+        authorized at the PSP, so ask the PSP (webhooks, polls) before calling the payment failed."""
+        err_type, msg = _cause(err)
+        if err_type == "PSPRejected":
+            raise self._psp_failure(err, "authorize") from err
+        workflow.logger.warning("authorize without an answer (%s): looking the payment up", err_type)
+        await self._note(f"PSP answer lost during authorize ({err_type}): looking the payment up")
+        failed_at = workflow.now()
+
+        def settled(found: PSPResult | None) -> bool:
+            # "no payment" is believed only once a request still in flight would have landed
+            return found is not None or workflow.now() - failed_at >= options.AMBIGUITY_SETTLE
+
+        outcome, found = await self._watch_psp(
+            "resolve", options.AMBIGUITY_TIMEOUT, settled, "authorize_lookup_timeout"
         )
-        arrived = await self._wait_for(
-            "action", lambda: self._otp is not None, options.ACTION_TIMEOUT, "authentication_timeout"
+        if outcome == "settled" and found is not None:
+            await self._note(f"PSP lookup after the lost answer: {found.status}")
+            return found
+        if outcome == "settled":
+            raise _Stop(
+                S.FAILED,
+                reason="the PSP has no payment after the lost authorize answer: nothing charged",
+                failure_code="psp_unavailable",
+                message="The payment processor could not be reached; nothing was charged.",
+                notify=True,  # decided long after POST /v1/payments answered "processing"
+            ) from err
+        raise _Stop(
+            S.FAILED,
+            reason="PSP unreachable: the authorize outcome is unknown",
+            failure_code="psp_unavailable",
+            message="The payment processor could not be reached.",
+            notify=True,
+        ) from err
+
+    async def _authenticate(self, next_action: NextAction | None) -> PSPResult:
+        """requires_action: wait for the customer. An OTP comes by the authenticate Update and is
+        confirmed at the PSP here; a redirect (wallet, bank page) is completed at the PSP itself, and
+        we learn it by webhook, by the return-URL nudge or by polling. An OTP completed elsewhere
+        (the PSP says authorized) counts too."""
+        inp = self._inp
+        action = next_action or NextAction(type="otp")
+        await self._set_status(
+            S.REQUIRES_ACTION, reason="customer authentication required", next_action=action
+        )
+        outcome, found = await self._watch_psp(
+            "action",
+            options.ACTION_TIMEOUT,
+            lambda r: r is not None and r.status != "requires_action",
+            "authentication_timeout",
+            ready=lambda: self._otp is not None,
         )
         self._raise_if_canceled()
-        if not arrived:
-            raise _Stop(S.CANCELED, reason="authentication timed out")
+        if outcome == "timeout":
+            raise _Stop(S.CANCELED, reason="authentication timed out", notify=True)
+        if outcome == "settled":
+            assert found is not None
+            self._otp = None  # an OTP that arrived meanwhile is moot: the PSP decided
+            return self._completed_at_psp(found, action)
         otp, self._otp = self._otp, None  # keep the one-time code no longer than needed
         assert otp is not None and self._state.psp_payment_id is not None
         self._psp_uncertain = True
@@ -344,14 +414,43 @@ class CheckoutWorkflow:
                 Act.AUTHENTICATE_PAYMENT,
                 AuthenticateInput(
                     payment_id=inp.payment_id,
-                    psp=inp.psp,
+                    psp=self._psp_name,
                     psp_payment_id=self._state.psp_payment_id,
                     otp=otp,
                 ),
             )
         except ActivityError as err:
-            raise self._psp_failure(err, "authenticate") from err
+            res = await self._authenticate_outcome(err)
+        return self._completed_at_psp(res, action)
+
+    async def _authenticate_outcome(self, err: ActivityError) -> PSPResult:
+        """authenticate_payment failed: the PSP may have taken the code (or the payment was
+        completed elsewhere and the PSP refused a second authentication). Look before failing."""
+        err_type, _ = _cause(err)
+        failed_at = workflow.now()
+
+        def settled(found: PSPResult | None) -> bool:
+            done = found is not None and found.status != "requires_action"
+            return done or workflow.now() - failed_at >= options.AMBIGUITY_SETTLE
+
+        outcome, found = await self._watch_psp(
+            "resolve", options.AMBIGUITY_TIMEOUT, settled, "authenticate_lookup_timeout"
+        )
+        if outcome == "settled" and found is not None and found.status != "requires_action":
+            return found
+        raise self._psp_failure(err, "authenticate") from err
+
+    def _completed_at_psp(self, res: PSPResult, action: NextAction) -> PSPResult:
+        """The PSP's verdict on the customer's authentication."""
         if res.status == "failed":
+            if action.type == "redirect_to_url":
+                raise _Stop(
+                    S.FAILED,
+                    reason="the customer's wallet or bank declined the payment",
+                    failure_code="payment_method_provider_decline",
+                    decline_code=res.decline_code or "generic_decline",
+                    message=res.message or "The payment was declined.",
+                )
             raise _Stop(
                 S.FAILED,
                 reason="customer authentication failed",
@@ -359,6 +458,8 @@ class CheckoutWorkflow:
                 decline_code="authentication_failed",
                 message=res.message or "The customer could not be authenticated.",
             )
+        if res.status == "canceled":
+            raise _Stop(S.CANCELED, reason="canceled at the PSP")
         if res.status == "authorized":
             self._authorized = res.amount
         return res
@@ -372,12 +473,15 @@ class CheckoutWorkflow:
             cap = await self._psp_call(
                 Act.CAPTURE_PAYMENT,
                 CaptureInput(
-                    payment_id=inp.payment_id, psp=inp.psp, psp_payment_id=psp_payment_id, amount=amount
+                    payment_id=inp.payment_id,
+                    psp=self._psp_name,
+                    psp_payment_id=psp_payment_id,
+                    amount=amount,
                 ),
             )
         except ActivityError as err:
-            # The capture may have happened: the void undo looks it up and refunds if so.
-            raise self._psp_failure(err, "capture") from err
+            # The capture may have happened: look it up before anything else.
+            cap = await self._capture_outcome(err, amount)
         if cap.status != "captured":
             raise _Stop(
                 S.FAILED,
@@ -397,7 +501,7 @@ class CheckoutWorkflow:
                 PostCaptureInput(
                     payment_id=inp.payment_id,
                     merchant_id=inp.merchant_id,
-                    psp=inp.psp,
+                    psp=self._psp_name,
                     amount=self._captured,
                     currency=inp.currency,
                 ),
@@ -434,6 +538,55 @@ class CheckoutWorkflow:
         except ActivityError as err:
             workflow.logger.warning("receipt not sent: %s", _cause(err)[1])
 
+    async def _capture_outcome(self, err: ActivityError, amount: int) -> PSPResult:
+        """capture_payment gave up without an answer. Ask the PSP: captured -> go on; still only
+        authorized -> the capture never happened, so capture again (same idempotency key) unless
+        the PSP refused it; unreachable until the deadline -> fail (the void undo looks it up
+        again and voids or refunds what it finds)."""
+        inp = self._inp
+        psp_payment_id = self._state.psp_payment_id
+        assert psp_payment_id is not None
+        deadline = workflow.now() + options.AMBIGUITY_TIMEOUT
+        while True:
+            err_type, msg = _cause(err)
+            workflow.logger.warning("capture without an answer (%s): looking the payment up", err_type)
+            outcome, found = await self._watch_psp(
+                "resolve",
+                deadline - workflow.now(),
+                lambda r: r is not None and r.status != "requires_action",
+                "capture_lookup_timeout",
+            )
+            if outcome != "settled" or found is None:
+                raise _Stop(
+                    S.FAILED,
+                    reason="PSP unreachable: the capture outcome is unknown",
+                    failure_code="psp_unavailable",
+                    message="The payment processor could not be reached.",
+                    notify=True,
+                ) from err
+            if found.status != "authorized":
+                return found  # captured (go on), or voided / failed (the caller fails the payment)
+            if err_type == "PSPRejected":
+                raise _Stop(
+                    S.FAILED,
+                    reason="the PSP refused the capture",
+                    failure_code="capture_failed",
+                    message=msg,
+                ) from err
+            self._psp_uncertain = True
+            try:
+                return await self._psp_call(
+                    Act.CAPTURE_PAYMENT,
+                    CaptureInput(
+                        payment_id=inp.payment_id,
+                        psp=self._psp_name,
+                        psp_payment_id=psp_payment_id,
+                        amount=amount,
+                    ),
+                )
+            except ActivityError as again:
+                err = again
+
     async def _finish(self, stop: _Stop) -> None:
         """Compensate, then record the final failed/canceled status and cancel the order."""
         failed_undos = await self._saga.compensate()
@@ -457,6 +610,15 @@ class CheckoutWorkflow:
             message=stop.message or (stop.reason if canceled else None),
             amount_capturable=0,
         )
+        if stop.notify:
+            try:
+                await self._act(
+                    Act.SEND_RECEIPT,
+                    ReceiptInput(payment_id=self._inp.payment_id, kind="payment_failed"),
+                    options.NOTIFY,
+                )
+            except ActivityError as err:
+                workflow.logger.warning("failure notice not sent: %s", _cause(err)[1])
 
     # ---------------------------------------------------------------- undo steps
 
@@ -468,7 +630,7 @@ class CheckoutWorkflow:
             # An authorize/capture may have acted and lost its answer: ask the PSP what it holds.
             found: PSPResult | None = await self._act(
                 Act.LOOKUP_PSP_PAYMENT,
-                LookupInput(payment_id=inp.payment_id, psp=inp.psp),
+                LookupInput(payment_id=inp.payment_id, psp=self._psp_name),
                 options.COMPENSATION,
                 PSPResult,
             )
@@ -483,7 +645,7 @@ class CheckoutWorkflow:
         if status in ("authorized", "requires_action"):
             res: PSPResult = await self._act(
                 Act.VOID_PAYMENT,
-                VoidInput(payment_id=inp.payment_id, psp=inp.psp, psp_payment_id=psp_payment_id),
+                VoidInput(payment_id=inp.payment_id, psp=self._psp_name, psp_payment_id=psp_payment_id),
                 options.COMPENSATION,
                 PSPResult,
             )
@@ -497,7 +659,7 @@ class CheckoutWorkflow:
             Act.REFUND_PAYMENT,
             RefundInput(
                 payment_id=self._inp.payment_id,
-                psp=self._inp.psp,
+                psp=self._psp_name,
                 psp_payment_id=psp_payment_id,
                 amount=self._captured,
                 idempotency_key=f"{self._inp.payment_id}:compensate_refund",
@@ -514,12 +676,14 @@ class CheckoutWorkflow:
         # with an unknown outcome; the CancelledError is raised right after.
         return await run_shielded(workflow.execute_activity(name, arg, result_type=result_type, **preset))
 
-    async def _psp_call(self, name: str, arg: Any) -> PSPResult:
+    async def _psp_call(
+        self, name: str, arg: Any, preset: options.ActivityOptions = options.PSP
+    ) -> PSPResult:
         """A forward PSP call; its answer is recorded inside the shielded task, so a cancellation
         arriving meanwhile cannot lose it (the void undo then knows what the PSP holds)."""
 
         async def call() -> PSPResult:
-            res: PSPResult = await workflow.execute_activity(name, arg, result_type=PSPResult, **options.PSP)
+            res: PSPResult = await workflow.execute_activity(name, arg, result_type=PSPResult, **preset)
             self._record_psp(res)
             return res
 
@@ -595,9 +759,106 @@ class CheckoutWorkflow:
         finally:
             self._waiting_for = None
 
+    async def _watch_psp(
+        self,
+        phase: str,
+        limit: timedelta,
+        settled: Callable[[PSPResult | None], bool],
+        summary: str,
+        *,
+        ready: Callable[[], bool] = lambda: False,
+    ) -> tuple[Literal["settled", "ready", "timeout"], PSPResult | None]:
+        """Wait until the PSP's view of the payment settles: look it up at each new webhook, each
+        return-URL nudge and each poll (POLL_FIRST, doubling up to POLL_MAX), until settled(found)
+        ("settled") or `limit` passes ("timeout"). ready() (an OTP arrived) or a cancel end the wait
+        early ("ready"). A webhook only wakes the loop: the look-up is what is believed, so a late,
+        duplicated or reordered event cannot move the payment backwards."""
+        deadline = workflow.now() + limit
+        delay = options.POLL_FIRST
+        found: PSPResult | None = None
+        self._waiting_for = phase
+        try:
+            while True:
+                if ready() or self._cancel is not None:
+                    return "ready", found
+                left = deadline - workflow.now()
+                if left <= timedelta(0):
+                    return "timeout", found
+                self._idle = True
+                try:
+                    await workflow.wait_condition(
+                        lambda: ready() or self._cancel is not None or self._woken(),
+                        timeout=min(delay, left),
+                        timeout_summary=summary if left <= delay else "psp_poll",
+                    )
+                except TimeoutError:
+                    if workflow.now() >= deadline:
+                        return "timeout", found
+                    delay = min(delay * 2, options.POLL_MAX)
+                finally:
+                    self._idle = False
+                if ready() or self._cancel is not None:
+                    return "ready", found
+                # what arrives during the look-up wakes the next round
+                self._wake_seen, self._nudges_seen = self._wake, self._nudges
+                answer, ok = await self._lookup()
+                if ok:
+                    found = answer
+                    if settled(found):
+                        return "settled", found
+        finally:
+            self._waiting_for = None
+
+    def _woken(self) -> bool:
+        return self._wake != self._wake_seen or self._nudges != self._nudges_seen
+
+    async def _lookup(self) -> tuple[PSPResult | None, bool]:
+        """(what the PSP holds for this payment, whether the PSP answered)."""
+        try:
+            found: PSPResult | None = await self._act(
+                Act.LOOKUP_PSP_PAYMENT,
+                LookupInput(payment_id=self._inp.payment_id, psp=self._psp_name),
+                options.LOOKUP,
+                PSPResult,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("PSP look-up failed: %s", _cause(err)[1])
+            return None, False
+        finally:
+            self._lookups += 1
+        if found is not None:
+            self._record_psp(found)
+        return found, True
+
     def _raise_if_canceled(self) -> None:
         if self._cancel is not None:
             raise _Stop(S.CANCELED, reason=self._cancel.reason)
+
+    @property
+    def _psp_name(self) -> str:
+        """The PSP this payment is at: routing's choice (workflows/failover.py), else the input's."""
+        return self._routed_psp or self._inp.psp
+
+    def _use_psp(self, psp: str, in_flight: bool) -> None:
+        # Routing hook: the saga's PSP calls and undo steps go to `psp`; in_flight = an authorize
+        # may be held there, so the void undo looks it up first.
+        self._routed_psp = psp
+        self._psp_uncertain = in_flight
+
+    async def _route_note(self, reason: str, psp: str) -> None:
+        """Routing hook: a timeline note that also moves payments.psp to the chosen PSP."""
+        st = self._state
+        await self._act(
+            Act.UPDATE_PAYMENT,
+            PaymentUpdate(
+                payment_id=st.payment_id,
+                status=st.status,
+                reason=reason,
+                psp_payment_id=st.psp_payment_id,
+                psp=psp,
+            ),
+            options.DB,
+        )
 
     def _record_psp(self, res: PSPResult) -> None:
         self._state.psp_payment_id = res.psp_payment_id
@@ -726,3 +987,38 @@ class CheckoutWorkflow:
     @workflow.query(name=Upd.QUERY_STATE)
     def state(self) -> PaymentState:
         return self._state
+
+    @workflow.signal(name=PSP_EVENT_SIGNAL)
+    def psp_event(self, event: PSPEvent) -> None:
+        """A PSP webhook about this payment: kept (the newest by the PSP's clock) and, the first
+        time its id is seen, it wakes a loop waiting for the PSP (_watch_psp) to look the payment
+        up now. Redelivered events change nothing."""
+        if event.id in self._events_seen:
+            return
+        self._events_seen.add(event.id)
+        latest = self._psp_event
+        if latest is None or event.created >= latest.created:
+            self._psp_event = event
+        self._wake += 1
+
+    @workflow.update(name=RECHECK_UPDATE)
+    async def recheck(self) -> PaymentState:
+        """The customer is back from the wallet's or bank's page (the return URL): look the payment
+        up now. Answers once that look-up is done and the workflow went back to waiting, or moved
+        on to its next stable status."""
+        self._nudges += 1
+        mark = self._lookups
+        await workflow.wait_condition(
+            lambda: (
+                (self._lookups > mark and self._idle)
+                or (self._state.status in STABLE and self._state.status != S.REQUIRES_ACTION)
+            )
+        )
+        return self._snapshot()
+
+    @recheck.validator
+    def _validate_recheck(self) -> None:
+        # Refused (and so kept out of the history) unless a wait for the PSP is open and no nudge is
+        # already pending: the return URL is public, reloading it must not grow the history.
+        if self._waiting_for not in ("action", "resolve") or self._nudges > self._nudges_seen:
+            raise ApplicationError("payment is not waiting for the PSP", type=INVALID_STATE)

@@ -75,3 +75,23 @@ NOTIFY: Final[ActivityOptions] = {
 ACTION_TIMEOUT: Final = timedelta(minutes=10)  # customer's time to enter the OTP / finish the redirect
 CAPTURE_WINDOW: Final = timedelta(days=7)  # how long a manual-capture authorization is held
 REVIEW_TIMEOUT: Final = timedelta(hours=24)  # manual fraud review; no verdict in time = decline
+
+# Learning what the PSP holds when no answer came (a redirect still open, an ambiguous failure):
+# the workflow wakes on a webhook, a return-URL nudge or the next poll, and looks the payment up.
+# Each look-up is short (a few attempts); the waiting loop is what retries, with this backoff.
+LOOKUP: Final[ActivityOptions] = {
+    "start_to_close_timeout": timedelta(seconds=15),
+    "retry_policy": RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=4),
+        maximum_attempts=3,
+    ),
+}
+POLL_FIRST: Final = timedelta(seconds=5)  # first poll; doubles after each poll that learned nothing
+POLL_MAX: Final = timedelta(seconds=60)
+# How long an ambiguous PSP failure (authorize or capture) is investigated before the payment fails.
+AMBIGUITY_TIMEOUT: Final = timedelta(minutes=10)
+# "No payment at the PSP" after an ambiguous authorize counts only this long after the failure: a
+# request still in flight at the PSP could otherwise land after we declared nothing was charged.
+AMBIGUITY_SETTLE: Final = timedelta(seconds=30)

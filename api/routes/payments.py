@@ -9,6 +9,7 @@ database before answering the Update.
 from __future__ import annotations
 
 import asyncio
+import html
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 from temporalio.client import (
@@ -38,7 +39,7 @@ from api.auth import Principal, any_principal, merchant_id_of, merchant_principa
 from api.deps import Page, run_db, sessions_of, settings_of, temporal_of, unix
 from api.errors import API_ERROR, CARD_ERROR, INVALID_REQUEST, ApiError, conflict, invalid, not_found
 from api.routes.customers import get_customer
-from api.routes.payment_methods import get_payment_method
+from api.routes.payment_methods import get_payment_method, routing_for
 from api.schemas import (
     AuthenticateCreate,
     CancelCreate,
@@ -56,6 +57,7 @@ from core.tables import Payment, PaymentEvent, PaymentMethod
 from domain.states import TERMINAL, PaymentStatus
 from workflows.contracts import (
     CHECKOUT_WORKFLOW,
+    RECHECK_UPDATE,
     SA_AMOUNT_MINOR,
     SA_CURRENCY,
     SA_MERCHANT_ID,
@@ -363,13 +365,17 @@ async def create_payment(
         if isinstance(got, idem.Replay):
             return _replayed(got)
         payment_id = got.resource_id
+    # which PSPs, in which order: the merchant's routing rules and the card's tokens
+    routing = await routing_for(request, merchant_id, pm, body.currency, body.amount)
     inp = CheckoutInput(
         payment_id=payment_id,
         merchant_id=merchant_id,
         customer_id=body.customer,
         payment_method_id=pm.id,
-        psp=pm.psp,
-        psp_token=pm.psp_token,
+        psp=routing.psp,
+        psp_token=routing.psp_token,
+        psp_tokens=routing.psp_tokens,
+        route=routing.route,
         amount=body.amount,
         currency=body.currency,
         capture_method=body.capture_method,
@@ -604,3 +610,56 @@ async def review_payment(
         # a rejection is the operator's own decision, not an error for the operator
         failure_is_error=False,
     )
+
+
+# ---- the customer's way back from a wallet or bank page --------------------------------------
+
+
+def _return_page(payment_id: str, status: str) -> HTMLResponse:
+    text = {
+        "succeeded": "Thank you: your payment went through.",
+        "requires_capture": "Thank you: your payment is authorized.",
+        "requires_action": "Your payment is still waiting for your confirmation.",
+        "processing": "Your payment is being processed.",
+        "failed": "Your payment did not go through.",
+        "canceled": "Your payment was canceled.",
+    }.get(status, f"Your payment is {status}.")
+    body = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Payment</title></head><body>"
+        f"<p>{html.escape(text)}</p><p>Payment {html.escape(payment_id)}: {html.escape(status)}</p>"
+        "</body></html>"
+    )
+    return HTMLResponse(body)
+
+
+@router.get(
+    "/payments/{payment_id}/return",
+    summary="Return URL of a wallet or bank page (no API key): re-check the payment, show its status",
+    response_model=None,
+)
+async def payment_return(payment_id: str, request: Request) -> Response:
+    """The PSP's page sends the customer's browser here after the decision. No API key: it only
+    makes the payment's workflow look the payment up at the PSP now (the webhook may be late or
+    lost), then shows the payment's status and nothing else. The workflow accepts the nudge only
+    while it waits for the PSP, so reloading this page cannot grow its history."""
+    sessions = sessions_of(request)
+    if not payment_id.startswith("pay_") or len(payment_id) > 64:
+        raise not_found("payment", payment_id)
+    payment = await run_db(load_payment, sessions, payment_id, None)
+    if payment.status in (PaymentStatus.REQUIRES_ACTION, PaymentStatus.PROCESSING):
+        handle = temporal_of(request).get_workflow_handle(payment.workflow_id)
+        try:
+            async with asyncio.timeout(min(settings_of(request).update_wait_seconds, 10.0)):
+                await handle.execute_update(RECHECK_UPDATE, result_type=PaymentState)
+        except (
+            TimeoutError,
+            WorkflowUpdateFailedError,
+            WorkflowUpdateRPCTimeoutOrCancelledError,
+            RPCError,
+        ) as exc:
+            # not waiting for the PSP (any more), gone, or slow: the page shows what is known now
+            log.info("payment_return_recheck_skipped", payment_id=payment_id, error=type(exc).__name__)
+        payment = await run_db(load_payment, sessions, payment_id, None)
+    if "text/html" in request.headers.get("accept", ""):
+        return _return_page(payment.id, payment.status)
+    return JSONResponse({"object": "payment_return", "id": payment.id, "status": payment.status})

@@ -20,14 +20,15 @@ from typing import Annotated, Any
 
 import anyio
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from psp.sandbox.disputes import dispute_router
 from psp.sandbox.faults import FaultMiddleware, FaultPlan, FaultSettings, quiet_server_logs
+from psp.sandbox.redirect import create_method_token, is_method_token_request, redirect_router
 from psp.sandbox.state import JSON, SandboxError, SandboxState, fingerprint
 from psp.signing import sign_header
 
@@ -64,6 +65,8 @@ class PaymentCreate(_Body):
     description: str | None = Field(default=None, max_length=1000)
     # Stripe-like limits; "sandbox_fault" here injects a fault for this payment (psp.sandbox.faults)
     metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=20)
+    # where a redirect method's page sends the customer's browser back after the decision
+    return_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
 
 
 class AuthenticateBody(_Body):
@@ -309,24 +312,36 @@ def create_app(
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
     @v1.post("/tokens")
-    def create_token(body: TokenCreate) -> JSONResponse:
+    def create_token(body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
+        if is_method_token_request(body):  # a wallet or a bank (psp.sandbox.redirect)
+            return JSONResponse(create_method_token(state, body))
+        try:
+            card = TokenCreate.model_validate(body)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+            ) from None
         token = state.create_token(
-            number=body.number, exp_month=body.exp_month, exp_year=body.exp_year, cvc=body.cvc
+            number=card.number, exp_month=card.exp_month, exp_year=card.exp_year, cvc=card.cvc
         )
         return JSONResponse(token)
 
     @v1.post("/payments")
-    def create_payment(body: PaymentCreate, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    def create_payment(
+        body: PaymentCreate, request: Request, idempotency_key: IdempotencyKey = None
+    ) -> JSONResponse:
         key = _require_idempotency_key(idempotency_key)
         fields = body.model_dump()
-        if fields["metadata"] is None:
-            # absent metadata keeps the fingerprint of the requests stored before the field existed
-            del fields["metadata"]
+        for optional in ("metadata", "return_url"):
+            if fields[optional] is None:
+                # absent fields keep the fingerprint of the requests stored before they existed
+                del fields[optional]
+        base = str(request.base_url)
         return _respond(
             state.idempotent(
                 key,
                 fingerprint("POST /v1/payments", fields),
-                lambda: state.authorize(idempotency_key=key, **fields),
+                lambda: state.authorize(idempotency_key=key, redirect_base=base, **fields),
             )
         )
 
@@ -405,4 +420,5 @@ def create_app(
 
     app.include_router(admin)
     app.include_router(dispute_router(state, require_api_key))
+    app.include_router(redirect_router(state))
     return app

@@ -20,7 +20,10 @@ from psp.base import (
     AuthorizeRequest,
     CardDetails,
     CardToken,
+    MethodDetails,
+    MethodToken,
     PSPAmbiguous,
+    PSPDispute,
     PSPNextAction,
     PSPPayment,
     PSPRefund,
@@ -69,13 +72,31 @@ def _payment(data: dict[str, Any]) -> PSPPayment:
     )
 
 
+def _dispute(data: dict[str, Any]) -> PSPDispute:
+    return PSPDispute(
+        id=data["id"],
+        payment_id=data["payment"],
+        amount=data["amount"],
+        currency=data["currency"],
+        status=data["status"],
+        reason=data.get("reason"),
+        evidence_due_by=data.get("evidence_due_by"),
+        created=data.get("created", 0),
+    )
+
+
 class SandboxPSP:
     name = "sandbox"
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, api_key: str) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, base_url: str, api_key: str, *, return_url: str | None = None
+    ) -> None:
+        """return_url: where a redirect method's page sends the customer back; "{reference}" in it
+        is replaced by our payment id."""
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._return_url = return_url
 
     async def _request(
         self,
@@ -159,6 +180,15 @@ class SandboxPSP:
             exp_year=data["exp_year"],
         )
 
+    async def tokenize_method(self, method: MethodDetails) -> MethodToken:
+        payload: dict[str, Any] = {"type": method.type}
+        if method.bank is not None:
+            payload["bank"] = method.bank
+        data = await self._request("POST", "/v1/tokens", json=payload)
+        return MethodToken(
+            token=data["id"], type=data["type"], provider=data.get("wallet"), bank=data.get("bank")
+        )
+
     async def authorize(self, req: AuthorizeRequest) -> PSPPayment:
         payload: dict[str, Any] = {
             "amount": req.amount,
@@ -168,6 +198,8 @@ class SandboxPSP:
         }
         if req.description is not None:
             payload["description"] = req.description
+        if self._return_url:
+            payload["return_url"] = self._return_url.replace("{reference}", quote(req.reference, safe=""))
         return _payment(
             await self._request("POST", "/v1/payments", json=payload, idempotency_key=req.idempotency_key)
         )
@@ -214,3 +246,14 @@ class SandboxPSP:
     async def find_payments(self, reference: str) -> list[PSPPayment]:
         data = await self._request("GET", "/v1/payments", params={"reference": reference})
         return [_payment(item) for item in data.get("data", [])]
+
+    async def submit_dispute_evidence(
+        self, psp_dispute_id: str, evidence: dict[str, str], *, idempotency_key: str
+    ) -> PSPDispute:
+        path = f"/v1/disputes/{quote(psp_dispute_id, safe='')}/evidence"
+        return _dispute(
+            await self._request("POST", path, json={"evidence": evidence}, idempotency_key=idempotency_key)
+        )
+
+    async def get_dispute(self, psp_dispute_id: str) -> PSPDispute:
+        return _dispute(await self._request("GET", f"/v1/disputes/{quote(psp_dispute_id, safe='')}"))

@@ -28,6 +28,8 @@ EventSink = Callable[[JSON], None]
 
 log = logging.getLogger(__name__)
 
+WALLET_PROVIDER = "sandbox_wallet"
+
 _KINDS = frozenset({"tokens", "payments", "refunds", "disputes", "events", "idempotency", "attempts"})
 
 
@@ -236,6 +238,18 @@ class SandboxState:
             )
         return token
 
+    def create_method_token(self, *, type: str, bank: str | None = None) -> JSON:
+        """A wallet or netbanking token: nothing secret, the customer approves each payment on the
+        redirect page."""
+        token: JSON = {"id": new_id("tok"), "object": "token", "type": type, "created": _now()}
+        if type == "wallet":
+            token["wallet"] = WALLET_PROVIDER
+        else:
+            token["bank"] = bank
+        with self._tx():
+            self._put("tokens", token["id"], {**token, "behavior": "redirect", "decline_code": None})
+        return token
+
     # ---- payments ----
 
     def authorize(
@@ -248,7 +262,10 @@ class SandboxState:
         reference: str,
         description: str | None = None,
         metadata: dict[str, str] | None = None,
+        return_url: str | None = None,
+        redirect_base: str = "",
     ) -> JSON:
+        """redirect_base: this service's URL as the client reached it, for a redirect method's page."""
         with self._tx():
             card = self._get("tokens", token)
             if card is None:
@@ -290,6 +307,19 @@ class SandboxState:
                 payment.update(
                     status="requires_action", next_action={"type": "otp", "url": None}, authorizations=0
                 )
+            elif behavior == "redirect":
+                # a wallet or bank: the customer approves on the redirect page (psp.sandbox.redirect)
+                url = f"{redirect_base.rstrip('/')}/redirect/{payment['id']}"
+                payment.update(
+                    status="requires_action",
+                    next_action={"type": "redirect_to_url", "url": url},
+                    authorizations=0,
+                    method=card["type"],
+                )
+                if card.get("bank"):
+                    payment["bank"] = card["bank"]
+            if return_url:
+                payment["return_url"] = return_url
             self._save_payment(payment, None)
             return payment
 
@@ -395,7 +425,11 @@ class SandboxState:
         with self._tx():
             return self._find("events", object_id)
 
-    # ---- for the routers kept in their own modules (psp/sandbox/disputes.py) ----
+    # ---- for the routers kept in their own modules (psp/sandbox/disputes.py, redirect.py) ----
+
+    def save_payment(self, payment: JSON, previous_status: str | None) -> None:
+        """Store a payment; a status change emits its payment.<status> event (inside transaction())."""
+        self._save_payment(payment, previous_status)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -20,6 +20,8 @@ from psp.base import (
     AuthorizeRequest,
     CardDetails,
     CardToken,
+    MethodDetails,
+    MethodToken,
     PSPAmbiguous,
     PSPDispute,
     PSPPayment,
@@ -62,6 +64,9 @@ class CountingPSP:
 
     async def tokenize_card(self, card: CardDetails) -> CardToken:
         return await self.inner.tokenize_card(card)
+
+    async def tokenize_method(self, method: MethodDetails) -> MethodToken:
+        return await self.inner.tokenize_method(method)
 
     async def authorize(self, req: AuthorizeRequest) -> PSPPayment:
         self._count("authorize")

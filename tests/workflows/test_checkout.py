@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
+from workflows import options
 from workflows.checkout import CheckoutWorkflow
 from workflows.contracts import (
     SA_AMOUNT_MINOR,
@@ -85,6 +86,9 @@ class FakeServices:
     authorize_transient_failures: int = 0  # first N attempts raise a retryable error
     psp_down: bool = False  # authorize never answers...
     psp_down_charges: bool = True  # ...but the first attempt did authorize at the PSP
+    # look-ups fail too (the PSP is unreachable) for this long after the first authorize attempt
+    lookup_down_for: timedelta | None = None
+    down_since: datetime | None = None
     capture_down: bool = False  # capture captures at the PSP, then never answers
     void_fails: bool = False
     ledger_fails: bool = False
@@ -151,6 +155,8 @@ class FakeServices:
     @activity.defn(name=Act.AUTHORIZE_PAYMENT)
     async def authorize_payment(self, inp: AuthorizeInput) -> PSPResult:
         self.calls.append((Act.AUTHORIZE_PAYMENT, inp))
+        if self.down_since is None:
+            self.down_since = activity.info().current_attempt_scheduled_time  # the server's (skipped) clock
         if self.authorize_gate is not None:
             await self.authorize_gate.wait()
         if self.psp_down:
@@ -195,6 +201,9 @@ class FakeServices:
     @activity.defn(name=Act.LOOKUP_PSP_PAYMENT)
     async def lookup_psp_payment(self, inp: LookupInput) -> PSPResult | None:
         self.calls.append((Act.LOOKUP_PSP_PAYMENT, inp))
+        now = activity.info().current_attempt_scheduled_time
+        if self.lookup_down_for and self.down_since and now < self.down_since + self.lookup_down_for:
+            raise ApplicationError("PSP answered 503", type="PSPUnavailable")
         return self.psp
 
     # -- ledger / notifications
@@ -585,30 +594,42 @@ async def test_transient_psp_errors_are_retried(client: Client, task_queue: str,
     assert fake.count(Act.VOID_PAYMENT) == 0
 
 
+# PSP unreachable for longer than the workflow investigates a lost answer (AMBIGUITY_TIMEOUT).
+DOWN_LONG = options.AMBIGUITY_TIMEOUT + timedelta(minutes=5)
+
+
 async def test_psp_down_for_good(client: Client, task_queue: str, fake: FakeServices) -> None:
     fake.psp_down = True  # the first attempt authorized at the PSP but its answer was lost
+    fake.lookup_down_for = DOWN_LONG  # and look-ups fail until after the investigation gave up
 
     result = await (await start(client, checkout_input(), task_queue)).result()
 
     assert (result.status, result.failure_code) == ("failed", "psp_unavailable")
     assert fake.count(Act.AUTHORIZE_PAYMENT) == 8  # PSP preset maximum_attempts
-    assert fake.count(Act.LOOKUP_PSP_PAYMENT) == 1
+    # polled during the investigation, then the undo looked again until the PSP answered...
+    assert fake.count(Act.LOOKUP_PSP_PAYMENT) > 10
+    # ...found the lost authorization and voided it
     assert [v.psp_payment_id for v in fake.inputs(Act.VOID_PAYMENT)] == ["psp_1"]
     assert fake.count(Act.CAPTURE_PAYMENT) == 0
+    assert [r.kind for r in fake.inputs(Act.SEND_RECEIPT)] == ["payment_failed"]
 
 
 async def test_psp_down_nothing_held(client: Client, task_queue: str, fake: FakeServices) -> None:
     fake.psp_down, fake.psp_down_charges = True, False
     result = await (await start(client, checkout_input(), task_queue)).result()
     assert result.failure_code == "psp_unavailable"
-    assert fake.count(Act.LOOKUP_PSP_PAYMENT) == 1
+    # polls at +5 s, +15 s, +35 s after the failure: "no payment" counts only after AMBIGUITY_SETTLE
+    # (30 s), then the void undo looks once more before doing nothing
+    assert fake.count(Act.LOOKUP_PSP_PAYMENT) == 4
     assert fake.count(Act.VOID_PAYMENT) == 0  # the lookup found nothing to void
+    assert "nothing was charged" in (fake.inputs(Act.UPDATE_PAYMENT)[-1].failure_message or "")
+    assert [r.kind for r in fake.inputs(Act.SEND_RECEIPT)] == ["payment_failed"]
 
 
 async def test_failing_undo_does_not_stop_the_others(
     client: Client, task_queue: str, fake: FakeServices
 ) -> None:
-    fake.psp_down, fake.void_fails = True, True
+    fake.psp_down, fake.void_fails, fake.lookup_down_for = True, True, DOWN_LONG
     inp = cart_input()
 
     result = await (await start(client, inp, task_queue)).result()
@@ -620,8 +641,25 @@ async def test_failing_undo_does_not_stop_the_others(
     assert [c.confirmed for c in fake.inputs(Act.CONFIRM_ORDER)] == [False]
 
 
-async def test_lost_capture_answer_is_refunded(client: Client, task_queue: str, fake: FakeServices) -> None:
-    fake.capture_down = True
+async def test_lost_capture_answer_is_looked_up(client: Client, task_queue: str, fake: FakeServices) -> None:
+    fake.capture_down = True  # captures at the PSP, then never answers
+    inp = checkout_input()
+
+    result = await (await start(client, inp, task_queue)).result()
+
+    # the PSP said captured: the payment goes on, posted once, nothing undone
+    assert (result.status, result.amount_received) == ("succeeded", AMOUNT)
+    assert fake.count(Act.CAPTURE_PAYMENT) == 8
+    assert fake.count(Act.LOOKUP_PSP_PAYMENT) == 1
+    assert [p.amount for p in fake.inputs(Act.POST_CAPTURE)] == [AMOUNT]
+    assert fake.count(Act.VOID_PAYMENT) == 0
+    assert fake.count(Act.REFUND_PAYMENT) == 0
+
+
+async def test_lost_capture_answer_psp_unreachable_is_refunded(
+    client: Client, task_queue: str, fake: FakeServices
+) -> None:
+    fake.capture_down, fake.lookup_down_for = True, DOWN_LONG
     inp = checkout_input()
 
     result = await (await start(client, inp, task_queue)).result()
@@ -629,8 +667,7 @@ async def test_lost_capture_answer_is_refunded(client: Client, task_queue: str, 
     assert (result.status, result.failure_code) == ("failed", "psp_unavailable")
     assert fake.count(Act.CAPTURE_PAYMENT) == 8
     assert fake.count(Act.POST_CAPTURE) == 0
-    # the void undo looked the payment up, found it captured and refunded instead of voiding
-    assert fake.count(Act.LOOKUP_PSP_PAYMENT) == 1
+    # the void undo looked the payment up once the PSP answered, found it captured and refunded
     assert fake.count(Act.VOID_PAYMENT) == 0
     [refund] = fake.inputs(Act.REFUND_PAYMENT)
     assert (refund.amount, refund.idempotency_key) == (AMOUNT, f"{inp.payment_id}:compensate_refund")
