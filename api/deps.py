@@ -72,4 +72,3 @@ class Page:
     def check_prefix(self, prefix: str) -> None:
         if self.starting_after is not None and not self.starting_after.startswith(prefix + "_"):
             raise invalid("parameter_invalid", f"starting_after must be a {prefix}_ id.", "starting_after")
-

@@ -504,6 +504,7 @@ class CheckoutWorkflow:
                     psp=self._psp_name,
                     amount=self._captured,
                     currency=inp.currency,
+                    psp_payment_id=self._state.psp_payment_id,
                 ),
                 options.DB,
                 PostCaptureResult,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ async def test_twenty_keys_times_fifty_parallel_submits(api: Api, stack: Stack) 
     responses = await asyncio.gather(
         *(api.post("/v1/payments", json=body, headers={"Idempotency-Key": key}) for key, body in requests)
     )
-    by_key: dict[str, list[tuple[int, dict[str, object]]]] = {k: [] for k in bodies}
+    by_key: dict[str, list[tuple[int, dict[str, Any]]]] = {k: [] for k in bodies}
     for (key, _), r in zip(requests, responses, strict=True):
         by_key[key].append((r.status_code, r.json()))
     for key, answers in by_key.items():
