@@ -57,6 +57,7 @@ from core.tables import Dispute, Payment, PspEvent, utcnow
 from domain.money import MoneyError, normalize_currency
 from psp.base import PSPError, PSPRejected
 from psp.signing import SignatureError, verify_header
+from psp.stripe_webhooks import StripeEvent, WebhookPayloadError, parse_event
 from workflows.contracts import (
     DISPUTE_WORKFLOW,
     PSP_EVENT_SIGNAL,
@@ -90,6 +91,8 @@ RECEIVERS: dict[str, Receiver] = {
     "sandbox": Receiver("Paysaga-Signature", lambda s: s.sandbox_webhook_secret),
     # the second sandbox instance (failover) signs with the same secret
     "sandbox_b": Receiver("Paysaga-Signature", lambda s: s.sandbox_webhook_secret),
+    # Stripe signs the same way (t=..., v1=HMAC of "t.body"); its events are translated below
+    "stripe": Receiver("Stripe-Signature", lambda s: s.stripe_webhook_secret),
 }
 
 
@@ -109,6 +112,39 @@ class WebhookEvent(_Loose):
     type: StrictStr = Field(min_length=1, max_length=60)
     created: StrictInt = 0
     data: EventData
+
+
+def from_stripe(ev: StripeEvent) -> WebhookEvent:
+    """A verified Stripe event in the shape of our PSP events: dispute.created / dispute.closed /
+    dispute.updated with the dispute, payment.<status> with our payment id as the reference. Other
+    events keep Stripe's type and are only recorded (deduplicated)."""
+    obj: dict[str, Any] = {"id": ev.object_id}
+    kind = ev.type
+    if ev.dispute is not None:
+        d = ev.dispute
+        kind = (
+            "dispute.created"
+            if ev.type.endswith("dispute.created")
+            else "dispute.closed"
+            if d.status in ("won", "lost")
+            else "dispute.updated"
+        )
+        obj = {
+            "id": d.id,
+            "payment": d.payment_id,
+            "amount": d.amount,
+            "currency": d.currency,
+            "status": d.status,
+            "reason": d.reason,
+            "evidence_due_by": d.evidence_due_by,
+            "created": d.created,
+        }
+    elif ev.reference is not None and ev.payment is not None:
+        kind = f"payment.{ev.payment.status}"
+        obj = {"id": ev.payment.id, "reference": ev.reference, "status": ev.payment.status}
+    if not ev.id:
+        raise WebhookPayloadError("event without id")
+    return WebhookEvent(id=ev.id, type=kind, created=ev.created, data=EventData(object=obj))
 
 
 class PspDisputeObject(_Loose):
@@ -368,14 +404,19 @@ async def receive_webhook(psp: str, request: Request) -> JSONResponse:
     header = request.headers.get(receiver.header)
     if not header:
         raise invalid("signature_missing", f"The {receiver.header} header is missing.", receiver.header)
+    secret = receiver.secret(settings_of(request))
+    if not secret:
+        raise not_found("psp", psp, "psp")  # a PSP we take no webhooks from (not configured)
     try:
-        verify_header(body, header, receiver.secret(settings_of(request)), tolerance=TOLERANCE_S)
+        if psp == "stripe":
+            event = from_stripe(parse_event(body, header, secret, tolerance=TOLERANCE_S))
+        else:
+            verify_header(body, header, secret, tolerance=TOLERANCE_S)
+            event = WebhookEvent.model_validate(json.loads(body))
     except SignatureError as exc:
         log.warning("psp_webhook_bad_signature", psp=psp, reason=str(exc))
         raise invalid("signature_invalid", f"Invalid webhook signature: {exc}.", receiver.header) from None
-    try:
-        event = WebhookEvent.model_validate(json.loads(body))
-    except ValueError:  # bad JSON or a malformed event (ValidationError is a ValueError)
+    except ValueError:  # bad JSON or a malformed event (ValidationError, WebhookPayloadError)
         raise invalid("parameter_invalid", "The body is not a webhook event.") from None
 
     sessions = sessions_of(request)

@@ -735,3 +735,59 @@ async def test_sandbox_client_dispute_calls() -> None:
             await client.submit_dispute_evidence(dp["id"], {}, idempotency_key="other")
         assert info.value.code == "dispute_unexpected_state"
     app.state.sandbox.close()
+
+
+# ---- Stripe's webhooks: the same receiver, Stripe's signature header and event shapes ----
+
+
+def _stripe_event(payment_id: str, event_id: str = "evt_stripe_1") -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "object": "event",
+        "type": "payment_intent.succeeded",
+        "created": int(time.time()),
+        "data": {
+            "object": {
+                "id": "pi_123",
+                "object": "payment_intent",
+                "status": "succeeded",
+                "amount": 5_000,
+                "amount_received": 5_000,
+                "amount_capturable": 0,
+                "currency": "usd",
+                "capture_method": "manual",
+                "metadata": {"paysaga_payment_id": payment_id},
+            }
+        },
+    }
+
+
+def test_stripe_signed_events_signal_the_checkout_once_and_forgeries_are_refused(env: Env) -> None:
+    secret = "whsec_test_secret"
+    env.client.app.state.settings.stripe_webhook_secret = secret  # type: ignore[attr-defined]
+    url = "/v1/psp/stripe/webhooks"
+    body = json.dumps(_stripe_event(env.payment.id)).encode()
+
+    def post(payload: bytes, key: str = secret) -> httpx.Response:
+        header = sign_header(payload, key, int(time.time()))
+        return env.client.post(url, content=payload, headers={"Stripe-Signature": header})
+
+    assert post(body, "whsec_wrong").status_code == 400
+    signed = sign_header(body, secret, int(time.time()))
+    mutated = body.replace(b'"amount": 5000', b'"amount": 1')
+    assert mutated != body
+    assert env.client.post(url, content=mutated, headers={"Stripe-Signature": signed}).status_code == 400
+    assert env.temporal.signals == []
+    first = post(body)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"received": True, "duplicate": False}
+    [(workflow_id, _name, signal)] = env.temporal.signals
+    assert workflow_id == f"checkout:{env.payment.id}"
+    assert (signal.type, signal.psp, signal.status, signal.object_id) == (
+        "payment.captured",
+        "stripe",
+        "captured",
+        "pi_123",
+    )
+    again = post(body)  # Stripe redelivers: applied once
+    assert again.json()["duplicate"] is True and len(env.temporal.signals) == 1
