@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import KeyCache
-from api.errors import install_error_handlers, internal_error_response
+from api.errors import install_error_handlers, internal_error_response, invalid
 from api.routes import (
     carts,
     customers,
@@ -126,6 +126,15 @@ class RequestMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
+            if _unstorable_text(exc):
+                # NUL bytes and unpaired surrogates are valid JSON but no database stores them: bad
+                # input (the failed statement rolled its transaction back), not a server error.
+                if not response_started:
+                    await invalid(
+                        "parameter_invalid",
+                        "A text value contains a NUL character or an unpaired surrogate.",
+                    ).response()(scope, receive, send_wrapper)
+                return
             # No body and no query string. The traceback is formatted here, plainly: a renderer
             # that prints frame locals would show the parsed request body of FastAPI's frames.
             log.error(
@@ -151,6 +160,21 @@ class RequestMiddleware:
             else:
                 log.info("request", **fields)
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _unstorable_text(exc: BaseException) -> bool:
+    """Did the database refuse a text value (NUL byte on PostgreSQL, lone surrogate anywhere)?"""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, UnicodeEncodeError) or "NUL (0x00)" in str(err):
+            return True
+        todo += [getattr(err, "orig", None), err.__cause__, err.__context__]
+    return False
 
 
 def create_app(

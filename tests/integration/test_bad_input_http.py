@@ -154,3 +154,20 @@ async def test_card_numbers_never_reach_db_logs_or_temporal(api: Api, stack: Sta
         ).scalar_one()
     engine.dispose()
     assert token.encode() not in raw
+
+
+async def test_unstorable_text_is_a_400_not_a_500(api: Api) -> None:
+    # found by the fuzzer: a NUL byte (PostgreSQL refuses it) or an unpaired surrogate in any string
+    for body in (
+        b'{"customer": "\\u0000oq"}',
+        b'{"customer": "cus_\\ud8f6"}',
+    ):
+        r = await api.post("/v1/carts", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 404), r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = await api.post(
+        "/v1/customers",
+        content=b'{"email": "a@example.com", "name": "x\\u0000y", "country": "US"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 or r.status_code == 200, r.text

@@ -3,6 +3,7 @@ back, the items refunded through a child RefundWorkflow) and expired (30 days, n
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -18,6 +20,7 @@ from core.ids import new_id
 from core.tables import Order, Product, Refund, Return
 from tests.factories import make_order, make_product, seed
 from tests.workflows import test_refund
+from tests.workflows.conftest import TEST_SERVER, register_search_attributes
 from tests.workflows.test_refund import (
     FakePsp,
     assert_books_agree,
@@ -43,6 +46,20 @@ psp = test_refund.psp
 executor = test_refund.executor
 task_queue = test_refund.task_queue
 client = test_refund.client
+
+
+@pytest.fixture(scope="module")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    """This module's own time-skipping server: skipping 30 days on the session's shared server also
+    has to fire every other module's long timers and can time out."""
+    environment = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter, test_server_existing_path=str(TEST_SERVER)
+    )
+    try:
+        await register_search_attributes(environment.client)
+        yield environment
+    finally:
+        await environment.shutdown()
 
 
 def shop(sessions: sessionmaker[Session]) -> tuple[Any, Order, Product]:
