@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import Header
+from fastapi.responses import JSONResponse
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import sessionmaker
@@ -69,6 +70,10 @@ def request_hash(method: str, path: str, body: Mapping[str, Any]) -> str:
 class Replay:
     status: int
     body: dict[str, Any]
+
+    def response(self) -> JSONResponse:
+        """The stored answer, marked as a replay."""
+        return JSONResponse(self.body, status_code=self.status, headers={"Idempotent-Replayed": "true"})
 
 
 @dataclass(frozen=True)

@@ -333,10 +333,6 @@ def _charge_refs(
         return pm
 
 
-def _replayed(replay: idem.Replay) -> JSONResponse:
-    return JSONResponse(replay.body, status_code=replay.status, headers={"Idempotent-Replayed": "true"})
-
-
 @router.post(
     "/payments",
     response_model=PaymentPublic,
@@ -355,7 +351,7 @@ async def create_payment(
     if idempotency_key:
         replay = await run_db(idem.precheck, sessions, merchant_id, idempotency_key, req_hash)
         if replay is not None:
-            return _replayed(replay)
+            return replay.response()
     pm = await run_db(_charge_refs, sessions, merchant_id, body.customer, body.payment_method)
     payment_id = new_id("pay")
     if idempotency_key:
@@ -363,7 +359,7 @@ async def create_payment(
             idem.claim, sessions, merchant_id, idempotency_key, "POST /v1/payments", req_hash, payment_id
         )
         if isinstance(got, idem.Replay):
-            return _replayed(got)
+            return got.response()
         payment_id = got.resource_id
     # which PSPs, in which order: the merchant's routing rules and the card's tokens
     routing = await routing_for(request, merchant_id, pm, body.currency, body.amount)

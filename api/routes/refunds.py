@@ -219,10 +219,6 @@ async def _cancel_uncaptured(request: Request, payment: Payment, reason: str | N
     return await run_db(load_payment, sessions, payment.id, payment.merchant_id)
 
 
-def _replayed(replay: idem.Replay) -> JSONResponse:
-    return JSONResponse(replay.body, status_code=replay.status, headers={"Idempotent-Replayed": "true"})
-
-
 @router.post(
     "/refunds",
     response_model=RefundPublic,
@@ -241,7 +237,7 @@ async def create_refund(
     if idempotency_key:
         replay = await run_db(idem.precheck, sessions, merchant_id, idempotency_key, req_hash)
         if replay is not None:
-            return _replayed(replay)
+            return replay.response()
     payment = await run_db(_payment_of, sessions, merchant_id, body.payment)
     uncaptured = PaymentStatus(payment.status) in UNCAPTURED_STATUSES
     if uncaptured and body.amount is not None and body.amount != payment.amount:
@@ -258,7 +254,7 @@ async def create_refund(
             idem.claim, sessions, merchant_id, idempotency_key, "POST /v1/refunds", req_hash, refund_id
         )
         if isinstance(got, idem.Replay):
-            return _replayed(got)
+            return got.response()
         refund_id = got.resource_id
 
     try:

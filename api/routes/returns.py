@@ -180,10 +180,6 @@ def _authorize(
         return row
 
 
-def _replayed(replay: idem.Replay) -> JSONResponse:
-    return JSONResponse(replay.body, status_code=replay.status, headers={"Idempotent-Replayed": "true"})
-
-
 @router.post(
     "/orders/{order_id}/returns",
     response_model=ReturnPublic,
@@ -207,7 +203,7 @@ async def create_return(
             idem.claim, sessions, merchant_id, idempotency_key, f"POST {path}", req_hash, return_id
         )
         if isinstance(got, idem.Replay):
-            return _replayed(got)
+            return got.response()
         return_id = got.resource_id
     try:
         try:
