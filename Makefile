@@ -19,10 +19,10 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)  ## checkout throughput vs the Temporal ceiling; writes bench/results.json
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(ARGS)
 
 chaos: $(STAMP)  ## payments while the worker is SIGKILLed; exits non-zero on any violation
-	$(BIN)/python -m bench.chaos
+	$(BIN)/python -m bench.chaos $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -117,6 +118,54 @@ def rss_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU milliseconds per operation, by process, over one phase: where the two cores went."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self.start = {name: cpu_s(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.used = {name: cpu_s(pid) - self.start[name] for name, pid in self.pids.items()}
+
+    def per_op_ms(self, n: int) -> dict[str, float]:
+        return {name: round(1000 * used / n, 1) for name, used in self.used.items() if used > 0}
+
+
+class Profiler:
+    """py-spy flame graphs of the worker and the API over one phase (`--profile DIR`)."""
+
+    def __init__(self, out: Path | None, pids: dict[str, int]) -> None:
+        self.out, self.pids, self.procs = out, pids, list[subprocess.Popen[bytes]]()
+
+    def __enter__(self) -> Profiler:
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name, pid in self.pids.items():
+                argv = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "50", "--format", "raw", "-o", str(self.out / f"{name}.txt")]
+                self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its flame graph on SIGINT
+        for proc in self.procs:
+            proc.wait(timeout=60)
 
 
 def child_pid(parent: int, marker: str) -> int:
@@ -395,10 +444,27 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             warm = min(40, args.n)
             await run_load("warm-up ceiling", warm, args.concurrency, bench.ceiling, progress)
             await run_load("warm-up checkout", warm, args.concurrency, bench.checkout, progress)
-            results["ceiling"] = await run_load("ceiling", args.n, args.concurrency, bench.ceiling, progress)
-            results["checkout_sqlite"] = await run_load(
-                "checkout (sqlite)", args.n, args.concurrency, bench.checkout, progress
-            )
+            pids = {
+                "temporal": child_pid(up_pid, "start-dev"),
+                "worker": worker_pid,
+                "api": api_pid,
+                "sandbox": child_pid(up_pid, "psp"),
+                "ceiling_worker": ceiling_worker.pid,
+                "bench": os.getpid(),
+            }
+            with CpuMeter(pids) as cpu_ceiling:
+                results["ceiling"] = await run_load(
+                    "ceiling", args.n, args.concurrency, bench.ceiling, progress
+                )
+            profile = Path(args.profile) if args.profile else None
+            with CpuMeter(pids) as cpu_checkout, Profiler(profile, {"worker": worker_pid, "api": api_pid}):
+                results["checkout_sqlite"] = await run_load(
+                    "checkout (sqlite)", args.n, args.concurrency, bench.checkout, progress
+                )
+            results["cpu_ms_per_op"] = {
+                "ceiling": cpu_ceiling.per_op_ms(args.n),
+                "checkout_sqlite": cpu_checkout.per_op_ms(args.n),
+            }
             results["events_per_checkout"] = await bench.events_per(
                 "WorkflowType = 'CheckoutWorkflow' AND ExecutionStatus = 'Completed'"
             )
@@ -493,6 +559,8 @@ def print_table(r: dict[str, Any]) -> None:
     console.print(
         f"peak RSS MB: {r['peak_rss_mb']}" + (f"; waiting: {r['waiting']}" if "waiting" in r else "")
     )
+    for phase, per_process in r["cpu_ms_per_op"].items():
+        console.print(f"CPU ms per {phase} op: {per_process}")
     console.print(f"ratios: {r['ratios']}")
     for goal, ok in r["goals"].items():
         console.print(f"  [{'green' if ok else 'red'}]{'met ' if ok else 'MISSED'}[/] {goal}")
@@ -505,6 +573,7 @@ def cli() -> None:
     p.add_argument("--stored", type=int, default=50_000)
     p.add_argument("--waiting", type=int, default=2_000)
     p.add_argument("--skip-pg", action="store_true")
+    p.add_argument("--profile", metavar="DIR", help="py-spy profiles of worker and API over the checkout phase (collapsed stacks: flamegraph.pl or speedscope)")
     p.add_argument("--data-dir", default=str(ROOT / ".data" / "bench"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = p.parse_args()
