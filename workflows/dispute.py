@@ -22,11 +22,11 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows import options
-from workflows.saga import run_shielded
-
+# Our deterministic helpers are imported once per worker, not once per workflow instance: the
+# sandbox re-imports every other module for each new run, which was a fifth of the worker's CPU.
 with workflow.unsafe.imports_passed_through():
     from domain.disputes import clean_evidence, evidence_deadline
+    from workflows import options
     from workflows.contracts import (
         DISPUTE_WORKFLOW,
         SA_AMOUNT_MINOR,
@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         PSPDisputeResult,
         SubmitEvidenceInput,
     )
+    from workflows.saga import run_shielded
 
 # Evidence must reach the PSP, deadline or not: retried without an attempt limit (a stuck call is
 # visible in the UI as a pending activity); a request the PSP refuses is not retried.
