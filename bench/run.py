@@ -148,7 +148,8 @@ class CpuMeter:
 
 
 class Profiler:
-    """py-spy flame graphs of the worker and the API over one phase (`--profile DIR`)."""
+    """py-spy samples of the worker and the API over one phase (`--profile DIR`), as collapsed
+    stacks (<name>.txt: speedscope or flamegraph.pl read them)."""
 
     def __init__(self, out: Path | None, pids: dict[str, int]) -> None:
         self.out, self.pids, self.procs = out, pids, list[subprocess.Popen[bytes]]()
@@ -157,13 +158,26 @@ class Profiler:
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             for name, pid in self.pids.items():
-                argv = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "50", "--format", "raw", "-o", str(self.out / f"{name}.txt")]
-                self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                argv = [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-r",
+                    "50",
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(self.out / f"{name}.txt"),
+                ]
+                self.procs.append(
+                    subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                )
         return self
 
     def __exit__(self, *_: object) -> None:
         for proc in self.procs:
-            proc.send_signal(signal.SIGINT)  # py-spy writes its flame graph on SIGINT
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         for proc in self.procs:
             proc.wait(timeout=60)
 
@@ -573,7 +587,11 @@ def cli() -> None:
     p.add_argument("--stored", type=int, default=50_000)
     p.add_argument("--waiting", type=int, default=2_000)
     p.add_argument("--skip-pg", action="store_true")
-    p.add_argument("--profile", metavar="DIR", help="py-spy profiles of worker and API over the checkout phase (collapsed stacks: flamegraph.pl or speedscope)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy profiles of worker and API over the checkout phase (collapsed stacks: speedscope)",
+    )
     p.add_argument("--data-dir", default=str(ROOT / ".data" / "bench"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = p.parse_args()
