@@ -134,6 +134,7 @@ async def main() -> None:
             activity_executor=executor,
             max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
             max_concurrent_workflow_tasks=MAX_CONCURRENT_WORKFLOW_TASKS,
+            max_cached_workflows=settings.worker_max_cached_workflows,
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         )
         await worker.run()

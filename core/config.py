@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     task_queue: str = "paysaga"
     # "k1:<base64 32 bytes>,k2:<...>"; the first key encrypts, all keys decrypt (rotation)
     payload_keys: str = DEV_PAYLOAD_KEY
+    # Workflow runs kept in the worker's memory between tasks (each holds its sandbox, about half a
+    # MB). Beyond it the least recently used run is evicted and replayed from its history when its
+    # next task comes (an OTP, a capture, a timer): a few ms of CPU for a bounded RSS, which keeps
+    # 2,000 payments parked in requires_action under 400 MB.
+    worker_max_cached_workflows: int = Field(default=300, ge=100)  # >= the worker's concurrent workflow tasks
 
     # API
     api_host: str = "127.0.0.1"

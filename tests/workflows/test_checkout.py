@@ -487,6 +487,31 @@ async def test_otp_right(client: Client, task_queue: str, fake: FakeServices) ->
     await assert_replays(handle)
 
 
+async def test_parked_runs_evicted_from_the_cache_finish_after_replay(
+    env: WorkflowEnvironment, fake: FakeServices
+) -> None:
+    """The worker bounds its cache (worker_max_cached_workflows): payments parked in OTP beyond it
+    are evicted, and the OTP that comes later replays them from history and completes them."""
+    fake.authorize_status = "requires_action"
+    queue = f"checkout-cache-{uuid.uuid4()}"
+    async with Worker(
+        env.client,
+        task_queue=queue,
+        workflows=[CheckoutWorkflow],
+        activities=fake.activities(),
+        max_cached_workflows=2,
+        max_concurrent_workflow_tasks=2,
+    ):
+        handles = [await start(env.client, checkout_input(), queue) for _ in range(5)]
+        for handle in handles:
+            assert (await stable(handle)).status == "requires_action"
+        for handle in handles:  # at most 2 still cached: the first 3 are replayed here
+            state = await update(handle, Upd.AUTHENTICATE, AuthenticateRequest(otp=GOOD_OTP))
+            assert state.status == "succeeded"
+        assert [(await h.result()).status for h in handles] == ["succeeded"] * 5
+    assert fake.count(Act.CAPTURE_PAYMENT) == 5
+
+
 async def test_otp_wrong(client: Client, task_queue: str, fake: FakeServices) -> None:
     fake.authorize_status = "requires_action"
     handle = await start(client, checkout_input(), task_queue)

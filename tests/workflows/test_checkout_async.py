@@ -284,6 +284,20 @@ async def test_otp_completed_elsewhere(client: Client, task_queue: str, fake: As
     assert fake.count(Act.CAPTURE_PAYMENT) == 1
 
 
+async def test_otp_wait_does_not_poll_the_psp(client: Client, task_queue: str, fake: AsyncFake) -> None:
+    """The OTP comes to us: a parked OTP payment holds one timer (its deadline) and never looks
+    the PSP up, so thousands of them waiting cost nothing until they are answered."""
+    fake.authorize_status = "requires_action"
+    handle = await start(client, checkout_input(), task_queue)
+    await stable(handle)
+
+    result = await handle.result()  # skips the 10 minutes
+
+    assert result.status == "canceled"
+    assert fake.count(Act.LOOKUP_PSP_PAYMENT) == 0
+    assert await timers(handle) == [options.ACTION_TIMEOUT.total_seconds()]
+
+
 async def test_otp_still_works_with_the_update(client: Client, task_queue: str, fake: AsyncFake) -> None:
     fake.authorize_status = "requires_action"
     handle = await start(client, checkout_input(), task_queue)
