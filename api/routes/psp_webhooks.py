@@ -25,7 +25,6 @@ never depends on this request finishing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.deps import run_db, sessions_of, settings_of, temporal_of
 from api.errors import API_ERROR, ApiError, invalid, not_found
 from core.config import Settings
+from core.ids import derived_id
 from core.ledger_store import write_transaction
 from core.tables import Dispute, Payment, PspEvent, utcnow
 from domain.money import MoneyError, normalize_currency
@@ -160,24 +160,10 @@ class PspDisputeObject(_Loose):
 
 # ---- deterministic dispute ids ----
 
-_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # core.ids' Crockford base32
-
-
-def _b32(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        value, rem = divmod(value, 32)
-        out.append(_ALPHABET[rem])
-    return "".join(reversed(out))
-
 
 def dispute_id_for(psp: str, psp_dispute_id: str, created: int) -> str:
-    """Our dispute id for a PSP dispute: the shape of core.ids.new_id ("dp_" + 10 chars of the
-    creation time in ms + 16 chars), time-ordered like every id, but derived (the PSP's creation
-    time and a hash of the PSP's id) instead of random, so every delivery of every event about one
-    dispute names the same row and the same workflow."""
-    digest = int.from_bytes(hashlib.sha256(f"{psp}:{psp_dispute_id}".encode()).digest()[:10], "big")
-    return f"dp_{_b32(max(created, 0) * 1000, 10)}{_b32(digest, 16)}"
+    """Our dispute id for a PSP dispute, derived from the PSP's creation time (s) and its id."""
+    return derived_id("dp", created * 1000, f"{psp}:{psp_dispute_id}")
 
 
 def dispute_row(inp: DisputeInput) -> Dispute:
