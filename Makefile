@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/paysaga up
 
-test: $(STAMP)
-	$(BIN)/pytest -q
+test: $(STAMP)  ## every tier; two xdist workers, one per integration stack (tests/conftest.py)
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)  ## checkout throughput vs the Temporal ceiling; writes bench/results.json
 	$(BIN)/python -m bench.run $(ARGS)

@@ -32,6 +32,17 @@ def _pg_admin() -> psycopg.Connection:
         )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n 2 --dist loadgroup` (make test) each integration stack's tests stay on one
+    xdist worker, so the SQLite and the PostgreSQL stacks run side by side, each started once;
+    every other test goes wherever a worker is free."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        stack = callspec.params.get("stack") if callspec is not None else None
+        if isinstance(stack, str):
+            item.add_marker(pytest.mark.xdist_group(f"stack-{stack}"))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of an empty database that only this test uses (not migrated)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import email
 import logging
-import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -47,6 +46,7 @@ from tests.factories import (
     make_product,
     seed,
 )
+from tests.ports import free_port
 from workflows.contracts import (
     CartLine,
     ConfirmOrderInput,
@@ -487,16 +487,10 @@ class _Inbox:
         return "250 Message accepted for delivery"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def smtp() -> Iterator[tuple[_Inbox, str]]:
     inbox = _Inbox()
-    port = _free_port()
+    port = free_port()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
     try:

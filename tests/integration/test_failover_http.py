@@ -23,12 +23,12 @@ import sqlalchemy as sa
 
 from tests.integration.conftest import Api
 from tests.integration.helpers import customer_with_card, payment_body
+from tests.ports import free_port
 from tests.stack import (
     SANDBOX_KEY,
     Stack,
     create_pg_database,
     drop_pg_database,
-    free_port,
     start_stack,
     stop_stack,
 )

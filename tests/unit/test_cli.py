@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from sqlalchemy import create_engine, text
 import cli
 from core.config import Settings
 from psp.sandbox.cards import TEST_CARDS, VALID_OTP
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,12 +113,6 @@ def test_addresses_and_links() -> None:
     assert cli.urls(s)["API docs"] == f"http://{s.api_host}:{s.api_port}/docs"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _search_attributes(address: str) -> dict[str, int]:
     from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
     from temporalio.client import Client
@@ -135,8 +129,8 @@ async def test_dev_server_starts_and_restarts_on_the_same_file(tmp_path: Path) -
     """The same command line serves the first start and a restart on the existing database file."""
     from temporalio.api.enums.v1 import IndexedValueType
 
-    port = _free_port()
-    s = _settings(tmp_path, temporal_address=f"127.0.0.1:{port}", temporal_ui_port=_free_port())
+    port = free_port()
+    s = _settings(tmp_path, temporal_address=f"127.0.0.1:{port}", temporal_ui_port=free_port())
     for _round in range(2):
         proc = subprocess.Popen(cli.temporal_command(s), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
