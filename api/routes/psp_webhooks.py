@@ -55,6 +55,7 @@ from core.ids import derived_id
 from core.ledger_store import write_transaction
 from core.tables import Dispute, Payment, PspEvent, utcnow
 from domain.money import MoneyError, normalize_currency
+from domain.states import TERMINAL, PaymentStatus
 from psp.base import PSPError, PSPRejected
 from psp.signing import SignatureError, verify_header
 from psp.stripe_webhooks import StripeEvent, WebhookPayloadError, parse_event
@@ -352,16 +353,25 @@ async def _payment_event(request: Request, psp: str, event: WebhookEvent) -> Non
     obj = event.data.object
     object_id, status = obj.get("id"), obj.get("status")
     payment_id: str | None = None
+    payment: Payment | None = None
     if event.type.startswith("payment."):
         reference = obj.get("reference")
-        payment_id = reference if isinstance(reference, str) else None
+        if isinstance(reference, str):
+            payment_id = reference
+            payment = await run_db(_payment_by_id, sessions_of(request), reference)
     else:  # refund.*: the refund names the PSP's payment
         psp_payment = obj.get("payment")
         if isinstance(psp_payment, str):
-            found = await payment_for(request, psp, psp_payment)
-            payment_id = found.id if found is not None else None
+            payment = await payment_for(request, psp, psp_payment)
+            payment_id = payment.id if payment is not None else None
     if payment_id is None or not isinstance(object_id, str):
         log.info("psp_event_without_owner", psp=psp, event_id=event.id, type=event.type)
+        return
+    if payment is not None and PaymentStatus(payment.status) in TERMINAL:
+        # The saga has nothing left to learn from the PSP (it settles before it records a final
+        # status), so no signal: most webhooks arrive after that, and each signal cost the
+        # Temporal server a workflow task or a lookup.
+        log.info("psp_event_after_final_status", psp=psp, event_id=event.id, payment=payment_id)
         return
     signal = PSPEvent(
         id=event.id,

@@ -148,6 +148,12 @@ class Env:
             path, json=body, headers={"Authorization": f"Bearer {key or self.key}", **headers}
         )
 
+    def set_status(self, status: str) -> None:
+        with self.sessions() as session, session.begin():
+            row = session.get(Payment, self.payment.id)
+            assert row is not None
+            row.status = status
+
     def count(self, table: type[Any]) -> int:
         with self.sessions() as s:
             return int(s.exec(select(func.count()).select_from(table)).one())
@@ -394,6 +400,7 @@ def test_dispute_on_an_unknown_payment_is_not_recorded(env: Env) -> None:
 
 
 def test_payment_events_signal_the_running_checkout(env: Env) -> None:
+    env.set_status("requires_capture")  # a running checkout: its saga still watches the PSP
     obj = {"id": "psp_pay_A", "object": "payment", "reference": env.payment.id, "status": "captured"}
     assert env.deliver(event("payment.captured", obj, id_="evt_p1", created=5)).status_code == 200
     refund = {"id": "re_1", "object": "refund", "payment": "psp_pay_A", "status": "succeeded"}
@@ -413,6 +420,19 @@ def test_payment_events_signal_the_running_checkout(env: Env) -> None:
     assert env.count(PspEvent) == 2
 
 
+@pytest.mark.parametrize("final", ["succeeded", "canceled", "refunded"])
+def test_events_after_the_final_status_are_recorded_without_a_signal(env: Env, final: str) -> None:
+    """The saga settles with the PSP before it records a final status: a webhook after that has
+    nothing to tell it, so it costs no signal (most of the sandbox's webhooks come that late)."""
+    env.set_status(final)
+    obj = {"id": "psp_pay_A", "object": "payment", "reference": env.payment.id, "status": "captured"}
+    assert env.deliver(event("payment.captured", obj, id_="evt_late")).json()["duplicate"] is False
+    refund = {"id": "re_1", "object": "refund", "payment": "psp_pay_A", "status": "succeeded"}
+    assert env.deliver(event("refund.succeeded", refund, id_="evt_late_r")).status_code == 200
+    assert env.temporal.signals == []
+    assert env.count(PspEvent) == 2
+
+
 def test_events_for_finished_or_unknown_owners_are_recorded_and_ignored(env: Env) -> None:
     env.temporal.finished.add(f"checkout:{env.payment.id}")
     obj = {"id": "psp_pay_A", "reference": env.payment.id, "status": "refunded"}
@@ -428,6 +448,7 @@ def test_events_for_finished_or_unknown_owners_are_recorded_and_ignored(env: Env
 
 
 def test_the_sandboxs_own_events_are_accepted(env: Env, tmp_path: Path) -> None:
+    env.set_status("requires_capture")  # a running checkout: its saga still watches the PSP
     sent: list[httpx.Request] = []
 
     def collect(request: httpx.Request) -> httpx.Response:
@@ -763,6 +784,7 @@ def _stripe_event(payment_id: str, event_id: str = "evt_stripe_1") -> dict[str, 
 
 
 def test_stripe_signed_events_signal_the_checkout_once_and_forgeries_are_refused(env: Env) -> None:
+    env.set_status("requires_capture")  # a running checkout: its saga still watches the PSP
     secret = "whsec_test_secret"
     env.client.app.state.settings.stripe_webhook_secret = secret  # type: ignore[attr-defined]
     url = "/v1/psp/stripe/webhooks"
