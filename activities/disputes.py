@@ -21,9 +21,10 @@ from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.payments import append_event, checked_transition, lock_payment, not_found
+from activities.payments import append_event, checked_transition, not_found
 from activities.psp import to_application_error
 from core.ledger_store import post_txn, write_transaction
+from core.refunds import lock_payment
 from core.tables import (
     Dispute,
     LedgerEntry,

@@ -12,8 +12,9 @@ from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.payments import append_event, checked_transition, lock_payment
+from activities.payments import append_event, checked_transition
 from core.ledger_store import post_txn, write_transaction
+from core.refunds import lock_payment
 from core.tables import LedgerEntry, LedgerTransaction, Merchant, utcnow
 from domain.ledger import LedgerError, capture_txn
 from domain.money import FeeSchedule, Money, MoneyError, allocate_fee

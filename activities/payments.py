@@ -16,6 +16,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from core.ledger_store import write_transaction
+from core.refunds import lock_payment
 from core.tables import Payment, PaymentEvent, utcnow
 from domain.states import InvalidTransition, PaymentStatus, transition
 from workflows.contracts import Act, CreatePaymentInput, NextAction, PaymentUpdate
@@ -24,11 +25,6 @@ from workflows.contracts import Act, CreatePaymentInput, NextAction, PaymentUpda
 def not_found(what: str, type: str = "NotFound") -> ApplicationError:
     # A missing row will still be missing on the next attempt: do not retry.
     return ApplicationError(f"{what} not found", type=type, non_retryable=True)
-
-
-def lock_payment(session: Session, payment_id: str) -> Payment | None:
-    """The payment row, locked for this transaction on PostgreSQL (SQLite: BEGIN IMMEDIATE)."""
-    return session.exec(select(Payment).where(col(Payment.id) == payment_id).with_for_update()).first()
 
 
 def append_event(session: Session, payment_id: str, status: str, reason: str | None) -> bool:

@@ -2,7 +2,7 @@
 
 Creating a refund is one database transaction that locks the payment row (SELECT ... FOR UPDATE
 on PostgreSQL, SQLite's write lock via BEGIN IMMEDIATE), computes refundable = captured - refunded
-- pending and inserts the refund as pending only if it fits (activities.refunds.reserve_refund).
+- pending and inserts the refund as pending only if it fits (core.refunds.reserve_refund).
 Concurrent refunds of one payment therefore queue on that lock and can never add up to more than
 was captured; an over-refund answers 400 amount_too_large and writes nothing. Then the
 RefundWorkflow (refund:{id}) is started and the request waits a few seconds for it; the answer is
@@ -34,7 +34,6 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.refunds import RefundRejected, reserve_refund
 from api import idempotency as idem
 from api.auth import Principal, any_principal, merchant_id_of, merchant_principal
 from api.deps import Page, run_db, sessions_of, settings_of, temporal_of, unix
@@ -43,6 +42,7 @@ from api.routes.payments import load_payment
 from api.schemas import ListPublic, PaymentPublic, RefundCreate, RefundPublic
 from core.ids import new_id
 from core.ledger_store import write_transaction
+from core.refunds import RefundRejected, reserve_refund
 from core.tables import Payment, Refund
 from domain.refunds import UNCAPTURED_STATUSES
 from domain.states import PaymentStatus

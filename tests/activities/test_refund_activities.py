@@ -20,10 +20,11 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.ledger import LedgerActivities
 from activities.notify import NotifyActivities
-from activities.refunds import RefundActivities, RefundRejected, reserve_refund
+from activities.refunds import RefundActivities
 from core.config import Settings
 from core.ids import new_id
 from core.ledger_store import account_view, check_ledger, write_transaction
+from core.refunds import RefundRejected, reserve_refund
 from core.tables import (
     LedgerTransaction,
     Merchant,

@@ -24,10 +24,11 @@ from temporalio.worker import Replayer, Worker
 
 from activities.ledger import LedgerActivities
 from activities.notify import NotifyActivities
-from activities.refunds import RefundActivities, RefundRejected, reserve_refund
+from activities.refunds import RefundActivities
 from core.config import Settings
 from core.ids import new_id
 from core.ledger_store import account_view, check_ledger, write_transaction
+from core.refunds import RefundRejected, reserve_refund
 from core.tables import LedgerTransaction, Notification, Payment, Refund
 from tests.factories import Seed, make_payment, seed
 from workflows.contracts import (
