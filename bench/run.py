@@ -6,7 +6,9 @@ Phases (sizes from the command line; defaults take a few minutes on 2 cores):
   3. stored    - the same after --stored payments are already in the database (ratio to empty)
   4. waiting   - worker RSS with --waiting payments parked in requires_action (OTP)
   5. postgres  - the checkout phase again on a stack with PostgreSQL
-Prints a table and writes bench/results.json.
+Prints a table, the CPU milliseconds each process spent per operation in phases 1 and 2 (on two
+shared cores that is what bounds the ratio), and writes bench/results.json. `--profile DIR` adds
+py-spy stacks of the worker and the API over phase 2.
 """
 
 from __future__ import annotations
