@@ -6,6 +6,9 @@ pool; API handlers call into it through a thread as well. One engine per process
 
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,14 +18,27 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
+WAL_SWITCH_ATTEMPTS = 100
+
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    # WAL lets the API read while the worker writes; busy_timeout queues writers instead of
-    # failing with "database is locked" when two processes write at once.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    # busy_timeout queues writers instead of failing with "database is locked" when two
+    # processes write at once.
     cur.execute("PRAGMA busy_timeout=30000")
+    # WAL lets the API read while the worker writes. While a new file is being switched to WAL by
+    # one connection (the API and the worker migrate together at first start), another one's
+    # switch can be refused as "locked" at once, busy handler or not (seen in
+    # test_concurrent_upgrades_serialise): retry it, bounded (~5 s).
+    for attempt in range(WAL_SWITCH_ATTEMPTS):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_SWITCH_ATTEMPTS - 1:
+                raise
+            time.sleep(0.025 + random.random() * 0.05)
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
