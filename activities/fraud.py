@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, or_
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -38,6 +39,22 @@ def _blocklisted(session: Session, merchant_id: str, kind: str, value: str | Non
     return hit is not None
 
 
+def velocity_query(merchant_id: str, customer_id: str, payment_id: str) -> SelectOfScalar[int]:
+    """How many other payments the customer made in the velocity window. By merchant too (the
+    customer is the merchant's anyway): the lookup then uses ix_payments_merchant_customer instead
+    of scanning every payment, which `make bench` showed with 50,000 payments stored."""
+    return (
+        select(func.count())
+        .select_from(Payment)
+        .where(
+            col(Payment.merchant_id) == merchant_id,
+            col(Payment.customer_id) == customer_id,
+            col(Payment.id) != payment_id,  # the payment being checked is not "another"
+            col(Payment.created) >= utcnow() - VELOCITY_WINDOW,
+        )
+    )
+
+
 class FraudActivities:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
@@ -57,15 +74,7 @@ class FraudActivities:
             method = session.get(PaymentMethod, inp.payment_method_id)
             if method is None or method.customer_id != customer.id:
                 raise not_found(f"payment method {inp.payment_method_id}")
-            recent = session.exec(
-                select(func.count())
-                .select_from(Payment)
-                .where(
-                    col(Payment.customer_id) == customer.id,
-                    col(Payment.id) != inp.payment_id,  # the payment being checked is not "another"
-                    col(Payment.created) >= utcnow() - VELOCITY_WINDOW,
-                )
-            ).one()
+            recent = session.exec(velocity_query(merchant.id, customer.id, inp.payment_id)).one()
             signals = FraudSignals(
                 amount=inp.amount,
                 payments_last_hour=int(recent),

@@ -185,6 +185,8 @@ class Payment(SQLModel, table=True):
     __table_args__ = (
         Index("ix_payments_merchant_customer", "merchant_id", "customer_id", "id"),
         Index("ix_payments_merchant_status", "merchant_id", "status", "id"),
+        # a PSP's webhook names its own payment id (refunds, disputes): found without a scan
+        Index("ix_payments_psp_payment", "psp", "psp_payment_id"),
     )
     id: str = Field(primary_key=True, max_length=40)
     merchant_id: str = Field(foreign_key="merchants.id")
