@@ -1030,7 +1030,11 @@ class CheckoutWorkflow:
 
     @recheck.validator
     def _validate_recheck(self) -> None:
-        # Refused (and so kept out of the history) unless a wait for the PSP is open and no nudge is
-        # already pending: the return URL is public, reloading it must not grow the history.
-        if self._waiting_for not in ("action", "resolve") or self._nudges > self._nudges_seen:
+        # Refused (and so kept out of the history) unless a wait for the PSP is open, or the
+        # customer's wait just ended (a webhook beat the browser: the payment still reads
+        # requires_action on its way to the outcome, which the nudge then waits for), and no nudge
+        # is already pending: the return URL is public, reloading it must not grow the history.
+        waiting = self._waiting_for in ("action", "resolve")
+        moving_on = self._waiting_for is None and self._state.status == S.REQUIRES_ACTION
+        if not (waiting or moving_on) or self._nudges > self._nudges_seen:
             raise ApplicationError("payment is not waiting for the PSP", type=INVALID_STATE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -59,6 +59,8 @@ class AsyncFake(FakeServices):
     redirect: bool = False  # authorize answers requires_action + redirect_to_url
     approve_at_lookup: int = 0  # the customer approves just before this look-up (0: never by itself)
     lost_captures: int = 0  # the first N capture attempts never reach the PSP and lose their answer
+    capture_gate: asyncio.Event | None = None  # set: capture waits for it (after capture_started)
+    capture_started: asyncio.Event = field(default_factory=asyncio.Event)
 
     @activity.defn(name=Act.AUTHORIZE_PAYMENT)
     async def authorize_payment(self, inp: AuthorizeInput) -> PSPResult:
@@ -75,6 +77,9 @@ class AsyncFake(FakeServices):
 
     @activity.defn(name=Act.CAPTURE_PAYMENT)
     async def capture_payment(self, inp: CaptureInput) -> PSPResult:
+        if self.capture_gate is not None:
+            self.capture_started.set()
+            await self.capture_gate.wait()
         if self.count(Act.CAPTURE_PAYMENT) < self.lost_captures:
             self.calls.append((Act.CAPTURE_PAYMENT, inp))
             raise ApplicationError("connection reset", type="PSPAmbiguous")
@@ -175,6 +180,30 @@ async def test_redirect_approved_by_webhook(client: Client, task_queue: str, fak
     assert fake.count(Act.AUTHENTICATE_PAYMENT) == 0  # a redirect is completed at the PSP itself
     # learnt from the webhooks alone: no poll timer ever fired
     assert EventType.EVENT_TYPE_TIMER_FIRED not in await history_types(handle)
+    await assert_replays(handle)
+
+
+async def test_return_url_just_after_the_webhook_waits_for_the_outcome(
+    client: Client, task_queue: str, fake: AsyncFake
+) -> None:
+    """The webhook can beat the customer's browser: the wait for the PSP is over and the payment
+    is on its way to succeeded when the return page nudges. The nudge then waits for that outcome
+    (the page shows it) instead of being refused while the payment still reads requires_action."""
+    fake.redirect = True
+    fake.capture_gate = asyncio.Event()
+    handle = await requires_action(client, fake, task_queue)
+    fake.approve()
+    await handle.signal(PSP_EVENT_SIGNAL, event("authorized"))
+    await asyncio.wait_for(fake.capture_started.wait(), timeout=10)
+
+    nudge = asyncio.create_task(update(handle, RECHECK_UPDATE))
+    await asyncio.sleep(0.5)  # the nudge is accepted while the capture is still running
+    assert not nudge.done()
+    fake.capture_gate.set()
+
+    assert (await nudge).status == "succeeded"
+    assert (await handle.result()).status == "succeeded"
+    assert fake.count(Act.LOOKUP_PSP_PAYMENT) == 1  # the webhook's look-up; the nudge needed none
     await assert_replays(handle)
 
 
