@@ -39,7 +39,7 @@ from activities.stock import StockActivities
 from core import db
 from core.config import Settings, get_settings
 from core.temporal import connect
-from psp.base import PSP
+from psp.base import KEEPALIVE_EXPIRY_S, PSP
 from psp.registry import build_psps
 from workflows.checkout import CheckoutWorkflow
 from workflows.dispute import DisputeWorkflow
@@ -194,7 +194,11 @@ async def run_worker(
     # one pooled HTTP client for every PSP call; per-call timeouts are the activities' business
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(10.0, connect=5.0),
-        limits=httpx.Limits(max_connections=MAX_CONCURRENT_ACTIVITIES, max_keepalive_connections=20),
+        limits=httpx.Limits(
+            max_connections=MAX_CONCURRENT_ACTIVITIES,
+            max_keepalive_connections=20,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        ),
     )
     try:
         psps = build_psps(settings, http)

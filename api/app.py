@@ -39,6 +39,7 @@ from api.routes import (
 )
 from core.config import Settings, get_settings
 from core.db import make_engine, session_factory
+from psp.base import KEEPALIVE_EXPIRY_S
 
 log = structlog.get_logger("api")
 
@@ -192,7 +193,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
-        http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, connect=3.0),
+            limits=httpx.Limits(
+                max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY_S
+            ),
+        )
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.http = http
