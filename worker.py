@@ -20,7 +20,6 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-import httpx
 import structlog
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
@@ -39,8 +38,8 @@ from activities.stock import StockActivities
 from core import db
 from core.config import Settings, get_settings
 from core.temporal import connect
-from psp.base import KEEPALIVE_EXPIRY_S, PSP
-from psp.registry import build_psps
+from psp.base import PSP
+from psp.registry import build_psps, pooled_http_client
 from workflows.checkout import CheckoutWorkflow
 from workflows.dispute import DisputeWorkflow
 from workflows.refund import RefundWorkflow
@@ -192,14 +191,7 @@ async def run_worker(
     sessions = db.session_factory(engine)
     executor = ThreadPoolExecutor(max_workers=ACTIVITY_THREADS, thread_name_prefix="activity")
     # one pooled HTTP client for every PSP call; per-call timeouts are the activities' business
-    http = httpx.AsyncClient(
-        timeout=httpx.Timeout(10.0, connect=5.0),
-        limits=httpx.Limits(
-            max_connections=MAX_CONCURRENT_ACTIVITIES,
-            max_keepalive_connections=20,
-            keepalive_expiry=KEEPALIVE_EXPIRY_S,
-        ),
-    )
+    http = pooled_http_client(connect_s=5.0, max_connections=MAX_CONCURRENT_ACTIVITIES)
     try:
         psps = build_psps(settings, http)
         worker = build_worker(client, settings, sessions, psps, executor, task_queue)

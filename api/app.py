@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import structlog
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -39,7 +38,7 @@ from api.routes import (
 )
 from core.config import Settings, get_settings
 from core.db import make_engine, session_factory
-from psp.base import KEEPALIVE_EXPIRY_S
+from psp.registry import pooled_http_client
 
 log = structlog.get_logger("api")
 
@@ -193,12 +192,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
-        http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, connect=3.0),
-            limits=httpx.Limits(
-                max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY_S
-            ),
-        )
+        http = pooled_http_client(connect_s=3.0, max_connections=100)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.http = http

@@ -7,12 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-# How long our pooled HTTP clients keep an idle connection to a PSP. Below the server's own idle
-# timeout (uvicorn, which serves the sandbox, closes after 5 s; httpx's default is also 5 s): when
-# both are equal, a request can go out on a connection the server is closing and fail before it
-# reached the PSP (seen in CI as a 503 from POST /v1/payment_methods).
-KEEPALIVE_EXPIRY_S = 2.0
-
 PSPStatus = Literal["requires_action", "authorized", "captured", "canceled", "failed", "refunded"]
 
 

@@ -16,6 +16,23 @@ from psp.base import PSP
 from psp.sandbox.client import SandboxPSP
 from psp.stripe import StripePSP
 
+# How long the pooled client keeps an idle connection to a PSP: below the server's own idle timeout
+# (uvicorn, which serves the sandbox, closes after 5 s; httpx's default is also 5 s). With equal
+# timeouts a request can go out on a connection the server is closing and fail before it reaches
+# the PSP: the likely cause of a 503 from POST /v1/payment_methods seen once in CI.
+KEEPALIVE_EXPIRY_S = 2.0
+
+
+def pooled_http_client(*, connect_s: float, max_connections: int) -> httpx.AsyncClient:
+    """The one HTTP client a process shares for every PSP call (build_psps takes it)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(10.0, connect=connect_s),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY_S
+        ),
+    )
+
+
 # Every PSP name this code base can register, in the default routing order after PSP_DEFAULT.
 KNOWN_PSPS: tuple[str, ...] = ("sandbox", "sandbox_b", "stripe")
 
