@@ -34,8 +34,7 @@ from typing import Any, Literal
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-# Our deterministic helpers are imported once per worker, not once per workflow instance: the
-# sandbox re-imports every other module for each new run (measured: 22% -> 16% of worker CPU).
+# passed through the sandbox, helpers included: see workflows/__init__.py
 with workflow.unsafe.imports_passed_through():
     from domain.states import STABLE, PaymentStatus
     from workflows import options

@@ -29,8 +29,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
-# Our deterministic helpers are imported once per worker, not once per workflow instance: the
-# sandbox re-imports every other module for each new run (measured: 22% -> 16% of worker CPU).
+# passed through the sandbox, helpers included: see workflows/__init__.py
 with workflow.unsafe.imports_passed_through():
     from workflows import options
     from workflows.contracts import (
